@@ -1,0 +1,1 @@
+"""Pinpoint-compatible HTTP API."""

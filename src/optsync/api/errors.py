@@ -1,0 +1,65 @@
+"""Pinpoint's error shapes: ``x-amzn-ErrorType`` header and ``{"Message", "RequestID"}`` body."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.responses import Response
+
+from optsync.errors import InvalidRequest, NotFound
+
+__all__ = ("ApiError", "error_response", "from_engine_error")
+
+
+class ApiError(Exception):
+    """An error answered with one of Pinpoint's modelled exception shapes."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def bad_request(cls, message: str) -> ApiError:
+        return cls(400, "BadRequestException", message)
+
+    @classmethod
+    def forbidden(cls, message: str) -> ApiError:
+        return cls(403, "ForbiddenException", message)
+
+    @classmethod
+    def not_found(cls, message: str) -> ApiError:
+        return cls(404, "NotFoundException", message)
+
+    @classmethod
+    def method_not_allowed(cls, message: str) -> ApiError:
+        return cls(405, "MethodNotAllowedException", message)
+
+    @classmethod
+    def payload_too_large(cls, message: str) -> ApiError:
+        return cls(413, "PayloadTooLargeException", message)
+
+    @classmethod
+    def internal(cls, request_id: str) -> ApiError:
+        return cls(
+            500,
+            "InternalServerErrorException",
+            f"Internal server error; the server log has the details under request {request_id}",
+        )
+
+
+def from_engine_error(exc: InvalidRequest | NotFound) -> ApiError:
+    if isinstance(exc, NotFound):
+        return ApiError.not_found(str(exc))
+    return ApiError.bad_request(str(exc))
+
+
+def error_response(error: ApiError, request_id: str) -> Response:
+    body = json.dumps({"Message": error.message, "RequestID": request_id})
+    return Response(
+        body,
+        status_code=error.status,
+        media_type="application/json",
+        headers={"x-amzn-RequestId": request_id, "x-amzn-ErrorType": error.code},
+    )

@@ -1,0 +1,119 @@
+"""Routing on the raw (still percent-encoded) path, so ``%2F`` inside an endpoint id works.
+
+Each path is split on ``/`` first and each segment decoded after; a ``{name}`` segment matches
+any non-empty segment. A path that matches a route under another method answers 405.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from optsync.api.errors import ApiError
+from optsync.engine.store import EndpointStore
+
+__all__ = ("Call", "Reply", "Route", "Router")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A handler's answer: the modelled status and the bare payload."""
+
+    status: int
+    payload: Any
+
+
+@dataclass
+class Call:
+    """One request as a handler sees it."""
+
+    store: EndpointStore
+    method: str
+    params: Mapping[str, str]
+    query: Mapping[str, str]
+    body: bytes
+    request_id: str
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        """The body as JSON; an empty body reads as ``{}``."""
+        if not self.body.strip():
+            return {}
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise ApiError.bad_request(f"The request body is not valid JSON: {exc}") from None
+
+    def page(self) -> tuple[int, str | None]:
+        """``page-size`` and ``token`` query parameters."""
+        raw = self.query.get("page-size")
+        size = DEFAULT_PAGE_SIZE
+        if raw is not None:
+            if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+                raise ApiError.bad_request(
+                    f"page-size must be a whole number from 1 to {MAX_PAGE_SIZE}, not {raw!r}"
+                )
+            size = int(raw)
+        return size, self.query.get("token") or None
+
+
+Handler = Callable[[Call], Reply]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    template: str
+    handler: Handler
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.template.strip("/").split("/"))
+
+
+class Router:
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+
+    def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
+        segments = raw_path.strip("/").split("/") if raw_path.strip("/") else []
+        allowed: list[str] = []
+        for route in self.routes:
+            params = _match(route.parts, segments)
+            if params is None:
+                continue
+            if route.method == method:
+                return route, params
+            allowed.append(route.method)
+        if allowed:
+            raise ApiError.method_not_allowed(
+                f"{method} is not allowed on {raw_path}; use {' or '.join(sorted(set(allowed)))}"
+            )
+        raise ApiError.not_found(
+            f"No operation at {method} {raw_path}: see the README for the supported Pinpoint "
+            "operations"
+        )
+
+
+def _match(parts: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+    if len(parts) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for part, segment in zip(parts, segments, strict=True):
+        if part.startswith("{"):
+            if not segment:
+                return None
+            params[part[1:-1]] = unquote(segment)
+        elif part != segment:
+            return None
+    return params
+
+
+def parse_query(raw_query: str) -> dict[str, str]:
+    return dict(parse_qsl(raw_query, keep_blank_values=True))

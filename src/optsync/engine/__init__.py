@@ -1,0 +1,1 @@
+"""The engine (Amazon Pinpoint's role): apps, channels, endpoints, segments, consent history."""

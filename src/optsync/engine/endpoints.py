@@ -1,0 +1,204 @@
+"""Pure endpoint rules: Pinpoint's limits and its field-level merge of UpdateEndpoint.
+
+No I/O here; the stores call these inside their write transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from optsync.engine.models import (
+    ChannelType,
+    Demographic,
+    Endpoint,
+    EndpointPatch,
+    EndpointStatus,
+    Location,
+    OptOut,
+)
+from optsync.engine.phone import PhonePolicy, country_for_address
+from optsync.errors import InvalidRequest, LimitExceeded
+
+__all__ = (
+    "MAX_ATTRIBUTE_NAME",
+    "MAX_ATTRIBUTE_NAMES_PER_APP",
+    "MAX_ATTRIBUTE_VALUE",
+    "MAX_BATCH_ITEMS",
+    "MAX_ENDPOINTS_PER_USER",
+    "MAX_ENDPOINT_BYTES",
+    "MAX_VALUES_PER_ATTRIBUTE",
+    "CountryDerivation",
+    "endpoint_key",
+    "merge",
+    "validate_batch",
+    "validate_patch",
+)
+
+MAX_BATCH_ITEMS = 100
+MAX_ENDPOINTS_PER_USER = 15
+MAX_ATTRIBUTE_NAME = 50
+MAX_ATTRIBUTE_VALUE = 100
+MAX_VALUES_PER_ATTRIBUTE = 50
+MAX_ATTRIBUTE_NAMES_PER_APP = 250
+MAX_ENDPOINT_BYTES = 15 * 1024
+_FORBIDDEN_ID_CHARS = frozenset("${}")
+
+
+@dataclass(frozen=True)
+class CountryDerivation:
+    """Fill ``Location.Country`` of SMS/VOICE endpoints from their number when it is missing."""
+
+    enabled: bool = True
+    policy: PhonePolicy = PhonePolicy.POSSIBLE
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    """Endpoint ids are compared case-insensitively; this is the form they are compared in."""
+    return endpoint_id.casefold()
+
+
+def _check_map(values: Mapping[str, tuple[str, ...]] | None, field: str, where: str) -> None:
+    for name, items in (values or {}).items():
+        if not name:
+            raise InvalidRequest(f"{where}{field}: attribute names must not be empty")
+        if len(name) > MAX_ATTRIBUTE_NAME:
+            raise LimitExceeded(
+                f"{where}{field}.{name[:20]}…: attribute name is {len(name)} characters; "
+                f"the limit is {MAX_ATTRIBUTE_NAME}"
+            )
+        if len(items) > MAX_VALUES_PER_ATTRIBUTE:
+            raise LimitExceeded(
+                f"{where}{field}.{name} has {len(items)} values; the limit is "
+                f"{MAX_VALUES_PER_ATTRIBUTE} values per attribute"
+            )
+        for value in items:
+            if len(value) > MAX_ATTRIBUTE_VALUE:
+                raise LimitExceeded(
+                    f"{where}{field}.{name}: a value is {len(value)} characters; the limit is "
+                    f"{MAX_ATTRIBUTE_VALUE}"
+                )
+
+
+def validate_patch(patch: EndpointPatch, where: str = "") -> None:
+    """Raise ``InvalidRequest`` naming the field if the patch breaks one of Pinpoint's limits."""
+    if not patch.id.strip():
+        raise InvalidRequest(f"{where}Id must not be empty")
+    bad = _FORBIDDEN_ID_CHARS.intersection(patch.id)
+    if bad:
+        raise InvalidRequest(
+            f"{where}Id must not contain {', '.join(sorted(bad))} (Pinpoint forbids $, {{ and }})"
+        )
+    _check_map(patch.attributes, "Attributes", where)
+    _check_map(patch.user_attributes, "User.UserAttributes", where)
+    for name in patch.metrics or {}:
+        if not name or len(name) > MAX_ATTRIBUTE_NAME:
+            raise LimitExceeded(
+                f"{where}Metrics: metric names must be 1 to {MAX_ATTRIBUTE_NAME} characters"
+            )
+
+
+def validate_batch(patches: Sequence[EndpointPatch]) -> None:
+    """Check the batch size and every item; errors name the item's index."""
+    if len(patches) > MAX_BATCH_ITEMS:
+        raise LimitExceeded(
+            f"Item has {len(patches)} endpoints; UpdateEndpointsBatch takes at most "
+            f"{MAX_BATCH_ITEMS} per request: split the batch"
+        )
+    if not patches:
+        raise InvalidRequest("Item must hold at least one endpoint")
+    for i, patch in enumerate(patches):
+        validate_patch(patch, where=f"Item[{i}].")
+
+
+def _merge_lists(
+    old: Mapping[str, tuple[str, ...]], new: Mapping[str, tuple[str, ...]] | None
+) -> dict[str, tuple[str, ...]]:
+    merged = dict(old)
+    merged.update(new or {})
+    return merged
+
+
+def merge(
+    existing: Endpoint | None,
+    patch: EndpointPatch,
+    *,
+    app_id: str,
+    now: str,
+    request_id: str,
+    country: CountryDerivation,
+) -> Endpoint:
+    """The endpoint after ``patch``: given fields replace, maps merge by key.
+
+    Every write makes the endpoint ACTIVE unless the patch says otherwise, as Pinpoint does.
+    """
+    if existing is None:
+        if patch.channel_type is None:
+            raise InvalidRequest(
+                "Missing ChannelType: a new endpoint needs ChannelType (e.g. SMS or EMAIL)"
+            )
+        existing = Endpoint(
+            app_id=app_id,
+            id=patch.id,
+            channel_type=patch.channel_type,
+            address=None,
+            opt_out=OptOut.NONE,
+            endpoint_status=EndpointStatus.ACTIVE,
+            creation_date=now,
+            effective_date=now,
+            cohort_id=str(secrets.randbelow(100)),
+            request_id=request_id,
+        )
+    metrics = dict(existing.metrics)
+    metrics.update(patch.metrics or {})
+    channel = patch.channel_type or existing.channel_type
+    address = patch.address if patch.address is not None else existing.address
+    location = existing.location.merged(patch.location)
+    if (
+        country.enabled
+        and location.country is None
+        and address
+        and channel in (ChannelType.SMS, ChannelType.VOICE)
+    ):
+        derived = country_for_address(address, country.policy)
+        if derived is not None:
+            location = Location(**{**location.__dict__, "country": derived})
+    merged = Endpoint(
+        app_id=app_id,
+        id=existing.id,
+        channel_type=channel,
+        address=address,
+        opt_out=patch.opt_out or existing.opt_out,
+        endpoint_status=patch.endpoint_status or EndpointStatus.ACTIVE,
+        creation_date=existing.creation_date,
+        effective_date=patch.effective_date or now,
+        cohort_id=existing.cohort_id,
+        request_id=patch.request_id or request_id,
+        user_id=patch.user_id if patch.user_id is not None else existing.user_id,
+        user_attributes=_merge_lists(existing.user_attributes, patch.user_attributes),
+        attributes=_merge_lists(existing.attributes, patch.attributes),
+        metrics=metrics,
+        demographic=existing.demographic.merged(patch.demographic or Demographic()),
+        location=location,
+        source_position=patch.position or existing.source_position,
+    )
+    size = len(json.dumps(_sized(merged)).encode())
+    if size > MAX_ENDPOINT_BYTES:
+        raise LimitExceeded(
+            f"Endpoint {patch.id!r} would be {size} bytes; the limit is {MAX_ENDPOINT_BYTES} "
+            "bytes per endpoint: drop attributes or shorten values"
+        )
+    return merged
+
+
+def _sized(endpoint: Endpoint) -> dict[str, object]:
+    return {
+        "a": endpoint.attributes,
+        "u": endpoint.user_attributes,
+        "m": endpoint.metrics,
+        "d": endpoint.demographic.__dict__,
+        "l": endpoint.location.__dict__,
+        "addr": endpoint.address,
+    }

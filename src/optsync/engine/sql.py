@@ -1,0 +1,898 @@
+"""``SqlStore``: the ``EndpointStore`` logic shared by the SQL databases.
+
+Subclasses supply a connection (``_write``/``_read`` context managers yielding a DB-API cursor)
+and a ``Dialect``; statements are written once, with ``?`` placeholders, and subclasses whose
+driver wants another paramstyle rewrite them in ``_sql``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from optsync.engine.countries import to_alpha2
+from optsync.engine.endpoints import (
+    MAX_ATTRIBUTE_NAMES_PER_APP,
+    MAX_ENDPOINTS_PER_USER,
+    CountryDerivation,
+    endpoint_key,
+    merge,
+)
+from optsync.engine.models import (
+    PUSH_TOKEN_CHANNELS,
+    App,
+    Cause,
+    CauseKind,
+    Channel,
+    ChannelType,
+    ConsentChange,
+    Demographic,
+    Endpoint,
+    EndpointDelete,
+    EndpointPatch,
+    EndpointStatus,
+    Estimate,
+    Location,
+    OptOut,
+    Page,
+    WriteResult,
+    iso_now,
+)
+from optsync.engine.segments import (
+    Dialect,
+    SegmentDefinition,
+    compile_filter,
+    definition_from_wire,
+    definition_to_wire,
+    iso_instant_ms,
+)
+from optsync.engine.store import EndpointStore, Segment
+from optsync.errors import InvalidRequest, LimitExceeded, NotFound
+
+__all__ = ("Cursor", "SqlStore", "StoreSettings")
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the store uses."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+    def executemany(self, sql: str, params: Sequence[Sequence[Any]], /) -> Any: ...
+    def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+
+    @property
+    def rowcount(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """How the engine fills in what requests leave out."""
+
+    country: CountryDerivation = field(default_factory=CountryDerivation)
+    """Derive Location.Country of SMS/VOICE endpoints from the number."""
+    region: str = "us-east-1"
+    """Region written into ARNs."""
+    account: str = "000000000000"
+    """Account id written into ARNs."""
+
+
+_ENDPOINT_COLUMNS = (
+    "app_id, id, id_key, channel_type, address, opt_out, status, creation_date, effective_date, "
+    "cohort_id, request_id, user_id, country, country_code, city, region, postal_code, latitude, "
+    "longitude, app_version, locale, make, model, model_version, platform, platform_version, "
+    "timezone, attributes, user_attributes, metrics, source_position"
+)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _lists(text: str | None) -> dict[str, tuple[str, ...]]:
+    return {k: tuple(v) for k, v in json.loads(text or "{}").items()}
+
+
+def _row_to_endpoint(row: Sequence[Any]) -> Endpoint:
+    app_id, eid, _key, channel, address, opt_out, status, created, effective, cohort, req = row[:11]
+    return Endpoint(
+        app_id=app_id,
+        id=eid,
+        channel_type=ChannelType(channel),
+        address=address,
+        opt_out=OptOut(opt_out),
+        endpoint_status=EndpointStatus(status),
+        creation_date=created,
+        effective_date=effective,
+        cohort_id=cohort,
+        request_id=req,
+        user_id=row[11],
+        location=Location(
+            country=row[12],
+            city=row[14],
+            region=row[15],
+            postal_code=row[16],
+            latitude=row[17],
+            longitude=row[18],
+        ),
+        demographic=Demographic(
+            app_version=row[19],
+            locale=row[20],
+            make=row[21],
+            model=row[22],
+            model_version=row[23],
+            platform=row[24],
+            platform_version=row[25],
+            timezone=row[26],
+        ),
+        attributes=_lists(row[27]),
+        user_attributes=_lists(row[28]),
+        metrics={k: float(v) for k, v in json.loads(row[29] or "{}").items()},
+        source_position=row[30],
+    )
+
+
+def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
+    loc, demo = e.location, e.demographic
+    return (
+        e.app_id,
+        e.id,
+        endpoint_key(e.id),
+        e.channel_type.value,
+        e.address,
+        e.opt_out.value,
+        e.endpoint_status.value,
+        e.creation_date,
+        e.effective_date,
+        e.cohort_id,
+        e.request_id,
+        e.user_id,
+        loc.country,
+        to_alpha2(loc.country) if loc.country else None,
+        loc.city,
+        loc.region,
+        loc.postal_code,
+        loc.latitude,
+        loc.longitude,
+        demo.app_version,
+        demo.locale,
+        demo.make,
+        demo.model,
+        demo.model_version,
+        demo.platform,
+        demo.platform_version,
+        demo.timezone,
+        _dumps({k: list(v) for k, v in e.attributes.items()}),
+        _dumps({k: list(v) for k, v in e.user_attributes.items()}),
+        _dumps(dict(e.metrics)),
+        e.source_position,
+    )
+
+
+def _offset(token: str | None) -> int:
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidRequest(f"token {token!r} is not a NextToken this server returned")
+    return int(token)
+
+
+class SqlStore(EndpointStore):
+    """Engine storage on a SQL database; see the module docstring."""
+
+    dialect = Dialect()
+
+    def __init__(self, settings: StoreSettings | None = None) -> None:
+        self.settings = settings or StoreSettings()
+
+    # hooks ------------------------------------------------------------------------------------
+    @abstractmethod
+    def _write(self) -> AbstractContextManager[Cursor]:
+        """A cursor inside a write transaction that commits on success."""
+
+    @abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A cursor for consistent reads."""
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _exec(self, cur: Cursor, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        cur.execute(self._sql(sql), params)
+        return cur
+
+    # apps -------------------------------------------------------------------------------------
+    def _app_arn(self, app_id: str) -> str:
+        s = self.settings
+        return f"arn:aws:mobiletargeting:{s.region}:{s.account}:apps/{app_id}"
+
+    def _row_to_app(self, row: Sequence[Any]) -> App:
+        return App(
+            id=row[0],
+            name=row[1],
+            arn=self._app_arn(row[0]),
+            creation_date=row[2],
+            tags=json.loads(row[3]),
+        )
+
+    def create_app(self, name: str, tags: Mapping[str, str] | None = None) -> App:
+        app = App(
+            id=uuid.uuid4().hex,
+            name=name,
+            arn="",
+            creation_date=iso_now(),
+            tags=dict(tags or {}),
+        )
+        with self._write() as cur:
+            self._exec(
+                cur,
+                "INSERT INTO apps (id, name, creation_date, tags) VALUES (?, ?, ?, ?)",
+                (app.id, app.name, app.creation_date, _dumps(dict(app.tags))),
+            )
+        return App(app.id, app.name, self._app_arn(app.id), app.creation_date, app.tags)
+
+    def _get_app(self, cur: Cursor, app_id: str) -> App:
+        row = self._exec(
+            cur, "SELECT id, name, creation_date, tags FROM apps WHERE id = ?", (app_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"Resource not found: there is no app with Id {app_id!r}")
+        return self._row_to_app(row)
+
+    def get_app(self, app_id: str) -> App:
+        with self._read() as cur:
+            return self._get_app(cur, app_id)
+
+    def find_app(self, name: str) -> App | None:
+        with self._read() as cur:
+            row = self._exec(
+                cur,
+                "SELECT id, name, creation_date, tags FROM apps WHERE name = ? "
+                "ORDER BY creation_date, id LIMIT 1",
+                (name,),
+            ).fetchone()
+        return self._row_to_app(row) if row else None
+
+    def list_apps(self, page_size: int, token: str | None) -> Page[App]:
+        offset = _offset(token)
+        with self._read() as cur:
+            rows = self._exec(
+                cur,
+                "SELECT id, name, creation_date, tags FROM apps ORDER BY creation_date, id "
+                "LIMIT ? OFFSET ?",
+                (page_size + 1, offset),
+            ).fetchall()
+        more = len(rows) > page_size
+        return Page(
+            tuple(self._row_to_app(r) for r in rows[:page_size]),
+            str(offset + page_size) if more else None,
+        )
+
+    def delete_app(self, app_id: str) -> App:
+        with self._write() as cur:
+            app = self._get_app(cur, app_id)
+            for table in (
+                "endpoint_attributes",
+                "endpoint_metrics",
+                "endpoints",
+                "tombstones",
+                "consent_history",
+                "segments",
+                "channels",
+                "attribute_names",
+            ):
+                self._exec(cur, f"DELETE FROM {table} WHERE app_id = ?", (app_id,))
+            self._exec(cur, "DELETE FROM apps WHERE id = ?", (app_id,))
+        return app
+
+    # channels ---------------------------------------------------------------------------------
+    def _row_to_channel(self, row: Sequence[Any]) -> Channel:
+        return Channel(
+            app_id=row[0],
+            channel_type=ChannelType(row[1]),
+            enabled=bool(row[2]),
+            creation_date=row[3],
+            last_modified_date=row[4],
+            version=int(row[5]),
+            settings=json.loads(row[6]),
+        )
+
+    _CHANNEL_SELECT = (
+        "SELECT app_id, channel_type, enabled, creation_date, last_modified_date, version, "
+        "settings FROM channels"
+    )
+
+    def put_channel(
+        self,
+        app_id: str,
+        channel_type: ChannelType,
+        enabled: bool | None,
+        settings: Mapping[str, str | int | bool],
+    ) -> Channel:
+        now = iso_now()
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            row = self._exec(
+                cur,
+                f"{self._CHANNEL_SELECT} WHERE app_id = ? AND channel_type = ?",
+                (app_id, channel_type.value),
+            ).fetchone()
+            if row is None:
+                channel = Channel(app_id, channel_type, bool(enabled), now, now, 1, dict(settings))
+            else:
+                old = self._row_to_channel(row)
+                channel = Channel(
+                    app_id,
+                    channel_type,
+                    old.enabled if enabled is None else enabled,
+                    old.creation_date,
+                    now,
+                    old.version + 1,
+                    {**old.settings, **settings},
+                )
+            self._exec(
+                cur, "DELETE FROM channels WHERE app_id = ? AND channel_type = ?",
+                (app_id, channel_type.value),
+            )  # fmt: skip
+            self._exec(
+                cur,
+                "INSERT INTO channels (app_id, channel_type, enabled, creation_date, "
+                "last_modified_date, version, settings) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    app_id,
+                    channel_type.value,
+                    int(channel.enabled),
+                    channel.creation_date,
+                    channel.last_modified_date,
+                    channel.version,
+                    _dumps(dict(channel.settings)),
+                ),
+            )
+        return channel
+
+    def get_channel(self, app_id: str, channel_type: ChannelType) -> Channel:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            row = self._exec(
+                cur,
+                f"{self._CHANNEL_SELECT} WHERE app_id = ? AND channel_type = ?",
+                (app_id, channel_type.value),
+            ).fetchone()
+        if row is None:
+            raise NotFound(
+                f"Resource not found: app {app_id!r} has no {channel_type.value} channel; "
+                "create it with the Update...Channel operation"
+            )
+        return self._row_to_channel(row)
+
+    def list_channels(self, app_id: str) -> list[Channel]:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            rows = self._exec(
+                cur, f"{self._CHANNEL_SELECT} WHERE app_id = ? ORDER BY channel_type", (app_id,)
+            ).fetchall()
+        return [self._row_to_channel(r) for r in rows]
+
+    def delete_channel(self, app_id: str, channel_type: ChannelType) -> Channel:
+        channel = self.get_channel(app_id, channel_type)
+        with self._write() as cur:
+            self._exec(
+                cur, "DELETE FROM channels WHERE app_id = ? AND channel_type = ?",
+                (app_id, channel_type.value),
+            )  # fmt: skip
+        return channel
+
+    # endpoints --------------------------------------------------------------------------------
+    def _load(self, cur: Cursor, app_id: str, key: str) -> tuple[int, Endpoint] | None:
+        row = self._exec(
+            cur,
+            f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND id_key = ?",
+            (app_id, key),
+        ).fetchone()
+        return (int(row[0]), _row_to_endpoint(row[1:])) if row else None
+
+    def _tombstone(self, cur: Cursor, app_id: str, key: str) -> str | None:
+        row = self._exec(
+            cur, "SELECT position FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key)
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def _record(
+        self,
+        cur: Cursor,
+        app_id: str,
+        endpoint: Endpoint,
+        before: OptOut | None,
+        after: OptOut | None,
+        cause: Cause,
+        now: str,
+    ) -> None:
+        self._exec(
+            cur,
+            "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, opt_out_before, "
+            "opt_out_after, address, cause_kind, cause_ref) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                app_id,
+                endpoint_key(endpoint.id),
+                endpoint.id,
+                now,
+                before.value if before else None,
+                after.value if after else None,
+                endpoint.address,
+                cause.kind.value,
+                cause.ref,
+            ),
+        )
+
+    def _check_attribute_names(self, cur: Cursor, app_id: str, endpoint: Endpoint) -> None:
+        names = {("A", n) for n in endpoint.attributes}
+        names |= {("U", n) for n in endpoint.user_attributes}
+        names |= {("M", n) for n in endpoint.metrics}
+        if not names:
+            return
+        known = {
+            (k, n)
+            for k, n in self._exec(
+                cur, "SELECT kind, name FROM attribute_names WHERE app_id = ?", (app_id,)
+            ).fetchall()
+        }
+        new = names - known
+        if not new:
+            return
+        if len(known) + len(new) > MAX_ATTRIBUTE_NAMES_PER_APP:
+            raise LimitExceeded(
+                f"Too many custom attributes: an app holds at most {MAX_ATTRIBUTE_NAMES_PER_APP} "
+                "distinct Attributes, UserAttributes and Metrics names together"
+            )
+        cur.executemany(
+            self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
+            [(app_id, k, n) for k, n in sorted(new)],
+        )
+
+    def _store_side_rows(self, cur: Cursor, pk: int, endpoint: Endpoint) -> None:
+        app_id = endpoint.app_id
+        self._exec(cur, "DELETE FROM endpoint_attributes WHERE endpoint_pk = ?", (pk,))
+        self._exec(cur, "DELETE FROM endpoint_metrics WHERE endpoint_pk = ?", (pk,))
+        rows = [
+            (pk, app_id, kind, name, value, iso_instant_ms(value))
+            for kind, values in (("A", endpoint.attributes), ("U", endpoint.user_attributes))
+            for name, items in values.items()
+            for value in items
+        ]
+        if rows:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, "
+                    "value_ts) VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                rows,
+            )
+        if endpoint.metrics:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO endpoint_metrics (endpoint_pk, app_id, name, value) "
+                    "VALUES (?, ?, ?, ?)"
+                ),
+                [(pk, app_id, n, v) for n, v in endpoint.metrics.items()],
+            )
+
+    def _save(self, cur: Cursor, pk: int | None, endpoint: Endpoint) -> int:
+        values = _endpoint_values(endpoint)
+        if pk is None:
+            marks = ", ".join("?" for _ in values)
+            row = self._exec(
+                cur,
+                f"INSERT INTO endpoints ({_ENDPOINT_COLUMNS}) VALUES ({marks}) RETURNING pk",
+                values,
+            ).fetchone()
+            pk = int(row[0])
+        else:
+            assignments = ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
+            self._exec(cur, f"UPDATE endpoints SET {assignments} WHERE pk = ?", (*values, pk))
+        self._store_side_rows(cur, pk, endpoint)
+        return pk
+
+    def _make_room_for_user(self, cur: Cursor, endpoint: Endpoint, key: str) -> None:
+        """Enforce 15 endpoints per UserId; push channels retire their oldest endpoint."""
+        rows = self._exec(
+            cur,
+            "SELECT pk, channel_type, effective_date FROM endpoints WHERE app_id = ? AND "
+            "user_id = ? AND id_key <> ?",
+            (endpoint.app_id, endpoint.user_id, key),
+        ).fetchall()
+        if len(rows) < MAX_ENDPOINTS_PER_USER:
+            return
+        if endpoint.channel_type in PUSH_TOKEN_CHANNELS:
+            push = [r for r in rows if ChannelType(r[1]) in PUSH_TOKEN_CHANNELS]
+            if push:
+                oldest = min(push, key=lambda r: (r[2] or "", r[0]))
+                self._exec(
+                    cur,
+                    "UPDATE endpoints SET status = 'INACTIVE', user_id = NULL WHERE pk = ?",
+                    (oldest[0],),
+                )
+                return
+        raise LimitExceeded(
+            f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
+            f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
+        )
+
+    def _sync_user_attributes(self, cur: Cursor, endpoint: Endpoint, patch: EndpointPatch) -> None:
+        """Pinpoint keeps UserAttributes the same on every endpoint of one UserId."""
+        rows = self._exec(
+            cur,
+            f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND user_id = ? "
+            "AND id_key <> ?",
+            (endpoint.app_id, endpoint.user_id, endpoint_key(endpoint.id)),
+        ).fetchall()
+        for row in rows:
+            other = _row_to_endpoint(row[1:])
+            merged = {**other.user_attributes, **(patch.user_attributes or {})}
+            if merged != dict(other.user_attributes):
+                self._exec(
+                    cur,
+                    "UPDATE endpoints SET user_attributes = ? WHERE pk = ?",
+                    (_dumps({k: list(v) for k, v in merged.items()}), row[0]),
+                )
+                self._store_side_rows(
+                    cur,
+                    int(row[0]),
+                    Endpoint(**{**other.__dict__, "user_attributes": merged}),
+                )
+
+    def _upsert(
+        self, cur: Cursor, app_id: str, patch: EndpointPatch, cause: Cause, now: str
+    ) -> bool:
+        key = endpoint_key(patch.id)
+        loaded = self._load(cur, app_id, key)
+        pk, existing = loaded if loaded else (None, None)
+        if patch.position is not None:
+            tomb = self._tombstone(cur, app_id, key)
+            held = [p for p in (existing and existing.source_position, tomb) if p]
+            if held and max(held) >= patch.position:
+                return False
+        request_id = cause.ref if cause.kind is CauseKind.API else uuid.uuid4().hex
+        endpoint = merge(
+            existing,
+            patch,
+            app_id=app_id,
+            now=now,
+            request_id=request_id,
+            country=self.settings.country,
+        )
+        self._check_attribute_names(cur, app_id, endpoint)
+        if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
+            self._make_room_for_user(cur, endpoint, key)
+        self._save(cur, pk, endpoint)
+        if endpoint.address is not None:
+            self._exec(
+                cur,
+                "UPDATE endpoints SET status = 'INACTIVE' WHERE app_id = ? AND address = ? AND "
+                "channel_type = ? AND id_key <> ? AND status = 'ACTIVE'",
+                (app_id, endpoint.address, endpoint.channel_type.value, key),
+            )
+        if patch.user_attributes and endpoint.user_id:
+            self._sync_user_attributes(cur, endpoint, patch)
+        before = existing.opt_out if existing else None
+        if before is not endpoint.opt_out:
+            self._record(cur, app_id, endpoint, before, endpoint.opt_out, cause, now)
+        if patch.position is not None:
+            self._exec(cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key))
+        return True
+
+    def _delete(
+        self, cur: Cursor, app_id: str, delete: EndpointDelete, cause: Cause, now: str
+    ) -> Endpoint | bool | None:
+        """The deleted endpoint; None if there was none; False if the delete is stale."""
+        key = endpoint_key(delete.id)
+        loaded = self._load(cur, app_id, key)
+        if delete.position is not None:
+            tomb = self._tombstone(cur, app_id, key)
+            held = [p for p in (loaded and loaded[1].source_position, tomb) if p]
+            if held and max(held) >= delete.position:
+                return False
+            self._exec(cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key))
+            self._exec(
+                cur,
+                "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?)",
+                (app_id, key, delete.position),
+            )
+        if loaded is None:
+            return None
+        pk, endpoint = loaded
+        for table in ("endpoint_attributes", "endpoint_metrics"):
+            self._exec(cur, f"DELETE FROM {table} WHERE endpoint_pk = ?", (pk,))
+        self._exec(cur, "DELETE FROM endpoints WHERE pk = ?", (pk,))
+        self._record(cur, app_id, endpoint, endpoint.opt_out, None, cause, now)
+        return endpoint
+
+    def write_endpoints(
+        self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
+    ) -> WriteResult:
+        applied = stale = missing = 0
+        now = iso_now()
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            for write in writes:
+                if isinstance(write, EndpointDelete):
+                    outcome = self._delete(cur, app_id, write, cause, now)
+                    if outcome is False:
+                        stale += 1
+                    elif outcome is None:
+                        missing += 1
+                    else:
+                        applied += 1
+                elif self._upsert(cur, app_id, write, cause, now):
+                    applied += 1
+                else:
+                    stale += 1
+        return WriteResult(applied=applied, stale=stale, missing=missing)
+
+    def get_endpoint(self, app_id: str, endpoint_id: str) -> Endpoint:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            loaded = self._load(cur, app_id, endpoint_key(endpoint_id))
+        if loaded is None:
+            raise NotFound(f"Resource not found: app {app_id!r} has no endpoint {endpoint_id!r}")
+        return loaded[1]
+
+    def delete_endpoint(self, app_id: str, endpoint_id: str, cause: Cause) -> Endpoint:
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            outcome = self._delete(cur, app_id, EndpointDelete(endpoint_id), cause, iso_now())
+        if not isinstance(outcome, Endpoint):
+            raise NotFound(f"Resource not found: app {app_id!r} has no endpoint {endpoint_id!r}")
+        return outcome
+
+    def _user_endpoints(self, cur: Cursor, app_id: str, user_id: str) -> list[Endpoint]:
+        rows = self._exec(
+            cur,
+            f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND user_id = ? "
+            "ORDER BY creation_date, id_key",
+            (app_id, user_id),
+        ).fetchall()
+        return [_row_to_endpoint(r) for r in rows]
+
+    def get_user_endpoints(self, app_id: str, user_id: str) -> list[Endpoint]:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            found = self._user_endpoints(cur, app_id, user_id)
+        if not found:
+            raise NotFound(f"Resource not found: app {app_id!r} has no endpoints for that user")
+        return found
+
+    def delete_user_endpoints(self, app_id: str, user_id: str, cause: Cause) -> list[Endpoint]:
+        now = iso_now()
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            found = self._user_endpoints(cur, app_id, user_id)
+            if not found:
+                raise NotFound(f"Resource not found: app {app_id!r} has no endpoints for that user")
+            for endpoint in found:
+                self._delete(cur, app_id, EndpointDelete(endpoint.id), cause, now)
+        return found
+
+    def consent_history(self, app_id: str, endpoint_id: str) -> list[ConsentChange]:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            rows = self._exec(
+                cur,
+                "SELECT endpoint_id, at, opt_out_before, opt_out_after, address, cause_kind, "
+                "cause_ref FROM consent_history WHERE app_id = ? AND endpoint_key = ? ORDER BY seq",
+                (app_id, endpoint_key(endpoint_id)),
+            ).fetchall()
+        if not rows:
+            raise NotFound(
+                f"Resource not found: app {app_id!r} has no history for endpoint {endpoint_id!r}"
+            )
+        return [
+            ConsentChange(
+                endpoint_id=r[0],
+                at=r[1],
+                opt_out_before=OptOut(r[2]) if r[2] else None,
+                opt_out_after=OptOut(r[3]) if r[3] else None,
+                address=r[4],
+                cause=Cause(CauseKind(r[5]), r[6]),
+            )
+            for r in rows
+        ]
+
+    def count_endpoints(self, app_id: str) -> int:
+        with self._read() as cur:
+            row = self._exec(
+                cur, "SELECT COUNT(*) FROM endpoints WHERE app_id = ?", (app_id,)
+            ).fetchone()
+        return int(row[0])
+
+    # segments ---------------------------------------------------------------------------------
+    _SEGMENT_SELECT = (
+        "SELECT app_id, id, version, segment_type, creation_date, last_modified_date, "
+        "definition, name, tags FROM segments"
+    )
+
+    def _row_to_segment(self, row: Sequence[Any]) -> Segment:
+        definition = definition_from_wire(json.loads(row[6]), require_name=False)
+        definition = SegmentDefinition(
+            name=row[7],
+            dimensions=definition.dimensions,
+            groups=definition.groups,
+            tags=json.loads(row[8]),
+        )
+        return Segment(
+            app_id=row[0],
+            id=row[1],
+            arn=f"{self._app_arn(row[0])}/segments/{row[1]}",
+            version=int(row[2]),
+            segment_type=row[3],
+            creation_date=row[4],
+            last_modified_date=row[5],
+            definition=definition,
+        )
+
+    def _insert_segment(self, cur: Cursor, segment: Segment) -> None:
+        d = segment.definition
+        self._exec(
+            cur,
+            "INSERT INTO segments (app_id, id, version, segment_type, creation_date, "
+            "last_modified_date, definition, name, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                segment.app_id,
+                segment.id,
+                segment.version,
+                segment.segment_type,
+                segment.creation_date,
+                segment.last_modified_date,
+                _dumps(definition_to_wire(d)),
+                d.name,
+                _dumps(dict(d.tags)),
+            ),
+        )
+
+    def _check_sources(self, cur: Cursor, app_id: str, definition: SegmentDefinition) -> None:
+        """Compile once so that unknown source segments and cycles fail at write time."""
+        compile_filter(
+            definition,
+            app_id=app_id,
+            resolve=lambda sid, version: self._get_segment(cur, app_id, sid, version).definition,
+            dialect=self.dialect,
+        )
+
+    def create_segment(self, app_id: str, definition: SegmentDefinition) -> Segment:
+        now = iso_now()
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            self._check_sources(cur, app_id, definition)
+            segment_id = uuid.uuid4().hex
+            segment = Segment(
+                app_id=app_id,
+                id=segment_id,
+                arn=f"{self._app_arn(app_id)}/segments/{segment_id}",
+                version=1,
+                segment_type="DIMENSIONAL",
+                creation_date=now,
+                last_modified_date=now,
+                definition=definition,
+            )
+            self._insert_segment(cur, segment)
+        return segment
+
+    def _get_segment(
+        self, cur: Cursor, app_id: str, segment_id: str, version: int | None
+    ) -> Segment:
+        if version is None:
+            row = self._exec(
+                cur,
+                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? ORDER BY version DESC LIMIT 1",
+                (app_id, segment_id),
+            ).fetchone()
+        else:
+            row = self._exec(
+                cur,
+                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? AND version = ?",
+                (app_id, segment_id, version),
+            ).fetchone()
+        if row is None:
+            what = f"segment {segment_id!r}" + (f" version {version}" if version else "")
+            raise NotFound(f"Resource not found: app {app_id!r} has no {what}")
+        return self._row_to_segment(row)
+
+    def update_segment(
+        self, app_id: str, segment_id: str, definition: SegmentDefinition
+    ) -> Segment:
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            latest = self._get_segment(cur, app_id, segment_id, None)
+            old = latest.definition
+            keep_filter = definition.dimensions is None and definition.groups is None
+            merged = SegmentDefinition(
+                name=definition.name if definition.name is not None else old.name,
+                dimensions=old.dimensions if keep_filter else definition.dimensions,
+                groups=old.groups if keep_filter else definition.groups,
+                tags=definition.tags or old.tags,
+            )
+            self._check_sources(cur, app_id, merged)
+            segment = Segment(
+                app_id=app_id,
+                id=segment_id,
+                arn=latest.arn,
+                version=latest.version + 1,
+                segment_type=latest.segment_type,
+                creation_date=latest.creation_date,
+                last_modified_date=iso_now(),
+                definition=merged,
+            )
+            self._insert_segment(cur, segment)
+        return segment
+
+    def get_segment(self, app_id: str, segment_id: str, version: int | None = None) -> Segment:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            return self._get_segment(cur, app_id, segment_id, version)
+
+    def list_segments(self, app_id: str, page_size: int, token: str | None) -> Page[Segment]:
+        offset = _offset(token)
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            rows = self._exec(
+                cur,
+                f"{self._SEGMENT_SELECT} s WHERE app_id = ? AND version = (SELECT MAX(version) "
+                "FROM segments x WHERE x.app_id = s.app_id AND x.id = s.id) "
+                "ORDER BY creation_date, id LIMIT ? OFFSET ?",
+                (app_id, page_size + 1, offset),
+            ).fetchall()
+        more = len(rows) > page_size
+        return Page(
+            tuple(self._row_to_segment(r) for r in rows[:page_size]),
+            str(offset + page_size) if more else None,
+        )
+
+    def list_segment_versions(
+        self, app_id: str, segment_id: str, page_size: int, token: str | None
+    ) -> Page[Segment]:
+        offset = _offset(token)
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            self._get_segment(cur, app_id, segment_id, None)
+            rows = self._exec(
+                cur,
+                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? ORDER BY version "
+                "LIMIT ? OFFSET ?",
+                (app_id, segment_id, page_size + 1, offset),
+            ).fetchall()
+        more = len(rows) > page_size
+        return Page(
+            tuple(self._row_to_segment(r) for r in rows[:page_size]),
+            str(offset + page_size) if more else None,
+        )
+
+    def delete_segment(self, app_id: str, segment_id: str) -> Segment:
+        with self._write() as cur:
+            self._get_app(cur, app_id)
+            segment = self._get_segment(cur, app_id, segment_id, None)
+            self._exec(
+                cur, "DELETE FROM segments WHERE app_id = ? AND id = ?", (app_id, segment_id)
+            )
+        return segment
+
+    def estimate(self, app_id: str, segment_id: str, version: int | None = None) -> Estimate:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            segment = self._get_segment(cur, app_id, segment_id, version)
+            where, params = compile_filter(
+                segment.definition,
+                app_id=app_id,
+                resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
+                dialect=self.dialect,
+            )
+            base = f"SELECT COUNT(*) FROM endpoints e WHERE e.app_id = ? AND ({where})"
+            total = self._exec(cur, base, (app_id, *params)).fetchone()[0]
+            eligible = self._exec(
+                cur,
+                f"{base} AND e.status = 'ACTIVE' AND e.opt_out = 'NONE'",
+                (app_id, *params),
+            ).fetchone()[0]
+        return Estimate(total=int(total), eligible=int(eligible))

@@ -1,0 +1,181 @@
+"""``SQLiteStore``: the embedded engine storage (one file in the data folder, WAL mode)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+
+__all__ = ("SQLiteStore",)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    creation_date TEXT NOT NULL,
+    tags TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS channels (
+    app_id TEXT NOT NULL,
+    channel_type TEXT NOT NULL,
+    enabled INTEGER NOT NULL,
+    creation_date TEXT NOT NULL,
+    last_modified_date TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    settings TEXT NOT NULL,
+    PRIMARY KEY (app_id, channel_type)
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    pk INTEGER PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    id_key TEXT NOT NULL,
+    channel_type TEXT NOT NULL,
+    address TEXT,
+    opt_out TEXT NOT NULL,
+    status TEXT NOT NULL,
+    creation_date TEXT NOT NULL,
+    effective_date TEXT NOT NULL,
+    cohort_id TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    user_id TEXT,
+    country TEXT,
+    country_code TEXT,
+    city TEXT,
+    region TEXT,
+    postal_code TEXT,
+    latitude REAL,
+    longitude REAL,
+    app_version TEXT,
+    locale TEXT,
+    make TEXT,
+    model TEXT,
+    model_version TEXT,
+    platform TEXT,
+    platform_version TEXT,
+    timezone TEXT,
+    attributes TEXT NOT NULL,
+    user_attributes TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    source_position TEXT,
+    UNIQUE (app_id, id_key)
+);
+-- Covers the Country + eligibility estimate without touching the table.
+CREATE INDEX IF NOT EXISTS endpoints_country
+    ON endpoints (app_id, country_code, status, opt_out);
+CREATE INDEX IF NOT EXISTS endpoints_channel
+    ON endpoints (app_id, channel_type, status, opt_out);
+CREATE INDEX IF NOT EXISTS endpoints_user ON endpoints (app_id, user_id);
+CREATE INDEX IF NOT EXISTS endpoints_address ON endpoints (app_id, address);
+CREATE TABLE IF NOT EXISTS endpoint_attributes (
+    endpoint_pk INTEGER NOT NULL,
+    app_id TEXT NOT NULL,
+    kind TEXT NOT NULL,          -- A: Attributes, U: User.UserAttributes
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    value_ts INTEGER             -- the value as epoch ms when it reads as an ISO-8601 date
+);
+CREATE INDEX IF NOT EXISTS endpoint_attributes_value
+    ON endpoint_attributes (app_id, kind, name, value, endpoint_pk);
+CREATE INDEX IF NOT EXISTS endpoint_attributes_ts
+    ON endpoint_attributes (app_id, kind, name, value_ts, endpoint_pk)
+    WHERE value_ts IS NOT NULL;
+CREATE INDEX IF NOT EXISTS endpoint_attributes_endpoint ON endpoint_attributes (endpoint_pk);
+CREATE TABLE IF NOT EXISTS endpoint_metrics (
+    endpoint_pk INTEGER NOT NULL,
+    app_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS endpoint_metrics_value
+    ON endpoint_metrics (app_id, name, value, endpoint_pk);
+CREATE INDEX IF NOT EXISTS endpoint_metrics_endpoint ON endpoint_metrics (endpoint_pk);
+CREATE TABLE IF NOT EXISTS attribute_names (
+    app_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY (app_id, kind, name)
+);
+CREATE TABLE IF NOT EXISTS tombstones (
+    app_id TEXT NOT NULL,
+    id_key TEXT NOT NULL,
+    position TEXT NOT NULL,
+    PRIMARY KEY (app_id, id_key)
+);
+CREATE TABLE IF NOT EXISTS consent_history (
+    seq INTEGER PRIMARY KEY,
+    app_id TEXT NOT NULL,
+    endpoint_key TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    opt_out_before TEXT,
+    opt_out_after TEXT,
+    address TEXT,
+    cause_kind TEXT NOT NULL,
+    cause_ref TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consent_history_endpoint
+    ON consent_history (app_id, endpoint_key, seq);
+CREATE TABLE IF NOT EXISTS segments (
+    app_id TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    segment_type TEXT NOT NULL,
+    creation_date TEXT NOT NULL,
+    last_modified_date TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    name TEXT,
+    tags TEXT NOT NULL,
+    PRIMARY KEY (app_id, id, version)
+);
+"""
+
+
+class SQLiteStore(SqlStore):
+    """Engine storage in one SQLite file (``":memory:"`` for tests).
+
+    One connection serves every thread behind a lock: SQLite has a single writer anyway, and
+    the API's threads hold it only for the length of one statement batch.
+    """
+
+    def __init__(self, path: str | Path, settings: StoreSettings | None = None) -> None:
+        super().__init__(settings)
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn.execute("PRAGMA busy_timeout = 10000")
+        self._conn.executescript(SCHEMA)
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            finally:
+                cur.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
