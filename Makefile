@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/optsync serve
+	$(BIN)/optsync up
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check src tests bench

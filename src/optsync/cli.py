@@ -1,24 +1,67 @@
-"""The ``optsync`` command line."""
+"""The ``optsync`` command line.
+
+Exit codes: 0 success, 1 a failure at run time (the message says which stage and why), 2 bad
+usage or configuration (one readable line).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import shutil
 import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import uvicorn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
 
 from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
-from optsync.config import LOOPBACK_HOSTS, load_or_create_credentials, load_settings
+from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.mapping import Mapper, MappingRule
+from optsync.apply.worker import ApplyWorker
+from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
+from optsync.config import (
+    LOOPBACK_HOSTS,
+    ApiSettings,
+    Settings,
+    SourceSettings,
+    load_or_create_credentials,
+    load_settings,
+)
+from optsync.engine.models import ChannelType
+from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
+from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError
 from optsync.logs import configure_logging
+from optsync.pipeline import Pipeline, ensure_app
+from optsync.status import read_status
+from optsync.stream.embedded import EmbeddedStream
 
 __all__ = ("main",)
 
 logger = logging.getLogger("optsync")
+console = Console()
+
+SAMPLE_SEGMENT = "US-Segment"
+SAMPLE_RULE = MappingRule(
+    table=SAMPLE_TABLE,
+    channel=ChannelType.SMS,
+    address="phone",
+    user_id="userid",
+    opt_in="optin",
+    effective_date="lastupdate",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,16 +70,150 @@ def cli() -> None:
     """Keep messaging opt-in/opt-out state in sync with the database that owns it."""
 
 
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _verifier(settings: Settings, insecure_no_auth: bool) -> SignatureVerifier | None:
+    """Signature checking for the API; prints where the credentials are."""
+    if insecure_no_auth:
+        if settings.api.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"--insecure-no-auth is refused on {settings.api.host}: listen on 127.0.0.1, "
+                "or configure OPTSYNC_API_CREDENTIALS"
+            )
+        logger.warning("authentication is OFF (--insecure-no-auth): any local process may write")
+        return None
+    credentials = dict(settings.api.credentials)
+    if credentials:
+        click.echo("API credentials: from OPTSYNC_API_CREDENTIALS / the config file")
+    else:
+        credentials, created = load_or_create_credentials(settings.data_dir)
+        where = settings.data_dir / "credentials"
+        click.echo(f"API credentials ({'created in' if created else 'from'} {where}):")
+        for key_id, secret in credentials.items():
+            click.echo(f"  aws_access_key_id={key_id}\n  aws_secret_access_key={secret}")
+    return SignatureVerifier(credentials)
+
+
+def _serve(
+    settings: Settings,
+    store: EndpointStore,
+    verifier: SignatureVerifier | None,
+    pipeline: Pipeline | None = None,
+) -> None:
+    """Run the API until Ctrl-C or until the pipeline fails."""
+    config = uvicorn.Config(
+        PinpointApi(store, verifier),
+        host=settings.api.host,
+        port=settings.api.port,
+        access_log=False,
+        log_config=None,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    if pipeline is not None:
+
+        def watch() -> None:
+            while not server.should_exit:
+                if pipeline.failure is not None:
+                    server.should_exit = True
+                time.sleep(0.2)
+
+        threading.Thread(target=watch, name="watch", daemon=True).start()
+    server.run()
+
+
+@contextmanager
+def _snapshot_progress() -> Iterator[Progress]:
+    progress = Progress(
+        TextColumn("snapshot {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+def _run_pipeline(settings: Settings, store: EndpointStore, verifier: SignatureVerifier | None,
+                  banner: list[str]) -> None:  # fmt: skip
+    tasks: dict[str, TaskID] = {}
+    with _snapshot_progress() as bar:
+
+        def progress(table: str, done: int, expected: int | None) -> None:
+            if table not in tasks:
+                tasks[table] = bar.add_task(table, total=expected)
+            bar.update(tasks[table], completed=done)
+
+        pipeline = Pipeline(settings, store, progress=progress)
+        pipeline.start()
+        while not pipeline.snapshot_done.wait(0.1):
+            if pipeline.failure is not None:
+                break
+    try:
+        pipeline.check()
+        for line in banner:
+            click.echo(line)
+        if settings.serve_api:
+            _serve(settings, store, verifier, pipeline)
+        else:
+            while pipeline.failure is None:
+                time.sleep(0.2)
+        pipeline.check()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        pipeline.stop()
+
+
+def _prepare_sample(store: EndpointStore, settings: Settings) -> None:
+    """The sample's app with SMS enabled and its US-Segment (Country US)."""
+    app = ensure_app(store, settings.app)
+    store.put_channel(app.id, ChannelType.SMS, True, {})
+    names = {s.definition.name for s in store.list_segments(app.id, 1000, None).items}
+    if SAMPLE_SEGMENT not in names:
+        store.create_segment(
+            app.id,
+            definition_from_wire(
+                {
+                    "Name": SAMPLE_SEGMENT,
+                    "Dimensions": {
+                        "Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}
+                    },
+                },
+                require_name=True,
+            ),
+        )
+
+
+def _me() -> str:
+    """How the user started optsync (``.venv/bin/optsync`` under ``make run``)."""
+    return sys.argv[0] if sys.argv and sys.argv[0].endswith("optsync") else "optsync"
+
+
+def _sample_settings(data_dir: Path, host: str, port: int, base: Settings) -> Settings:
+    return dataclasses.replace(
+        base,
+        data_dir=data_dir,
+        api=ApiSettings(host=host, port=port, credentials=base.api.credentials),
+        source=SourceSettings(url=f"sqlite:///{data_dir / 'app.db'}", tables=(SAMPLE_TABLE,)),
+        mappings=(SAMPLE_RULE,),
+        serve_api=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML file.")
 @click.option("--host", help="Address to listen on [default: 127.0.0.1].")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port [default: 8080].")
 @click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
-@click.option(
-    "--insecure-no-auth",
-    is_flag=True,
-    help="Accept unsigned requests (only allowed when listening on loopback).",
-)
+@click.option("--insecure-no-auth", is_flag=True, help="Accept unsigned requests (loopback only).")
 def serve(
     config_path: Path | None,
     host: str | None,
@@ -45,40 +222,240 @@ def serve(
     insecure_no_auth: bool,
 ) -> None:
     """Serve the engine through Pinpoint's REST API (boto3 works with endpoint_url)."""
-    settings = load_settings(config_path)
-    host = host or settings.api.host
-    port = port or settings.api.port
-    data_dir = data_dir or settings.data_dir
-    verifier = None
-    if insecure_no_auth:
-        if host not in LOOPBACK_HOSTS:
-            raise ConfigError(
-                f"--insecure-no-auth is refused on {host}: listen on 127.0.0.1, or configure "
-                "OPTSYNC_API_CREDENTIALS"
-            )
-        logger.warning("authentication is OFF (--insecure-no-auth): any local process may write")
-    else:
-        credentials = dict(settings.api.credentials)
-        if not credentials:
-            credentials, created = load_or_create_credentials(data_dir)
-            where = data_dir / "credentials"
-            click.echo(f"API credentials ({'created in' if created else 'from'} {where}):")
-            for key_id, secret in credentials.items():
-                click.echo(f"  aws_access_key_id={key_id}\n  aws_secret_access_key={secret}")
-        verifier = SignatureVerifier(credentials)
-    store = SQLiteStore(data_dir / "engine.db", settings.engine)
-    click.echo(f"Pinpoint API on http://{host}:{port}  (region: any; service: mobiletargeting)")
+    base = load_settings(config_path)
+    settings = dataclasses.replace(
+        base,
+        data_dir=data_dir or base.data_dir,
+        api=ApiSettings(
+            host=host or base.api.host,
+            port=port or base.api.port,
+            credentials=base.api.credentials,
+        ),
+    )
+    verifier = _verifier(settings, insecure_no_auth)
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    click.echo(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
     try:
-        uvicorn.run(
-            PinpointApi(store, verifier),
-            host=host,
-            port=port,
-            access_log=False,
-            log_config=None,
-            lifespan="off",
-        )
+        _serve(settings, store, verifier)
     finally:
         store.close()
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("optsync-data"),
+              show_default=True)  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def up(data_dir: Path, host: str, port: int) -> None:
+    """Everything in one process on embedded parts, seeded with the AWS sample's nine users."""
+    settings = _sample_settings(data_dir, host, port, load_settings(None))
+    app_db = data_dir / "app.db"
+    created = create_sample_database(app_db)
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    try:
+        _prepare_sample(store, settings)
+        verifier = _verifier(settings, insecure_no_auth=False)
+        banner = [
+            f"{'Created' if created else 'Using'} the source database {app_db} "
+            f"(table {SAMPLE_TABLE}).",
+            f"Pinpoint API on http://{host}:{port}  (app {settings.app!r}, segment "
+            f"{SAMPLE_SEGMENT!r})",
+            "",
+            "Opt user1 out in the application database, in another terminal:",
+            f"  sqlite3 {app_db} \"UPDATE {SAMPLE_TABLE} SET optin = 0 WHERE userid = 'user1'\"",
+            "and watch the segment's eligible count change:",
+            f"  {_me()} status --data-dir {data_dir}",
+            "",
+        ]
+        _run_pipeline(settings, store, verifier, banner)
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--insecure-no-auth", is_flag=True, help="Accept unsigned requests (loopback only).")
+def run(config_path: Path, insecure_no_auth: bool) -> None:
+    """The pipeline from a config file; serves the API too when the file has [api]."""
+    settings = load_settings(config_path)
+    if settings.source is None:
+        raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    try:
+        ensure_app(store, settings.app)
+        verifier = _verifier(settings, insecure_no_auth) if settings.serve_api else None
+        banner = [f"Capturing {settings.source.url} tables {', '.join(settings.source.tables)}"]
+        if settings.serve_api:
+            banner.append(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
+        _run_pipeline(settings, store, verifier, banner)
+    finally:
+        store.close()
+
+
+def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
+    if config_path is not None:
+        settings = load_settings(config_path)
+        return dataclasses.replace(settings, data_dir=data_dir) if data_dir else settings
+    data_dir = data_dir or Path("optsync-data")
+    return _sample_settings(data_dir, "127.0.0.1", 8080, load_settings(None))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
+def status(config_path: Path | None, data_dir: Path | None) -> None:
+    """Positions, lag per stage, DLQ size and segment estimates."""
+    settings = _settings_for(config_path, data_dir)
+    if not settings.engine_path.exists():
+        raise ConfigError(f"{settings.data_dir} holds no optsync data: start `optsync up` first")
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    try:
+        report = read_status(settings, store)
+    finally:
+        store.close()
+    table = Table(title="optsync status", show_header=True)
+    table.add_column("stage")
+    table.add_column("position")
+    table.add_column("lag")
+    state = report.capture_state or {}
+    capture_pos = state.get("log_after", state.get("phase", "not started"))
+    table.add_row("capture", f"{state.get('phase', '-')} {capture_pos}", "-")
+    table.add_row("stream", f"head {report.stream_head}", "-")
+    table.add_row(
+        "apply",
+        f"offset {report.apply_offset}",
+        f"{report.lag_events} events, {report.lag_seconds:.3f} s",
+    )
+    table.add_row("dlq", f"{report.dlq_size} entries", "-")
+    console.print(table)
+    segments = Table(title=f"app {settings.app!r}: {report.endpoints} endpoints")
+    for column in ("segment", "total", "eligible"):
+        segments.add_column(column)
+    for s in report.segments:
+        segments.add_row(s.name, str(s.total), str(s.eligible))
+    console.print(segments)
+
+
+@cli.group()
+def dlq() -> None:
+    """The dead-letter queue: records apply could not use, with their reasons."""
+
+
+@dlq.command("list")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--all", "include_replayed", is_flag=True, help="Include replayed entries.")
+def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: bool) -> None:
+    """List dead letters (id, stream offset, reason)."""
+    settings = _settings_for(config_path, data_dir)
+    queue = DeadLetterQueue(settings.dlq_path)
+    try:
+        entries = queue.list(include_replayed=include_replayed, limit=1000)
+    finally:
+        queue.close()
+    table = Table(title=f"{len(entries)} dead letters")
+    for column in ("id", "offset", "key", "reason", "replayed"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            str(e.id),
+            str(e.stream_offset),
+            e.partition_key,
+            e.reason,
+            "yes" if e.replayed_at else "",
+        )
+    console.print(table)
+
+
+@dlq.command("replay")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.argument("ids", nargs=-1, type=int)
+def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, ...]) -> None:
+    """Run dead letters (all, or the given ids) through mapping and engine again."""
+    settings = _settings_for(config_path, data_dir)
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    stream = EmbeddedStream(settings.stream_path)
+    queue = DeadLetterQueue(settings.dlq_path)
+    try:
+        app = ensure_app(store, settings.app)
+        worker = ApplyWorker(stream, Mapper(settings.mappings), store, app.id, queue)
+        replayed, failed = worker.replay_dead_letters(list(ids) or None)
+    finally:
+        queue.close()
+        stream.close()
+        store.close()
+    click.echo(f"replayed {replayed}, still failing {failed} (see `optsync dlq list`)")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the temporary data folder and print it.")
+def demo(keep: bool) -> None:
+    """The AWS blog's walkthrough, scripted: 9 users in, 4 opt out, then a fifth."""
+    import sqlite3  # noqa: PLC0415 - only the demo writes to the source directly
+
+    workdir = Path(tempfile.mkdtemp(prefix="optsync-demo-"))
+    settings = _sample_settings(workdir, "127.0.0.1", 0, load_settings(None, env={}))
+    create_sample_database(workdir / "app.db")
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    _prepare_sample(store, settings)
+    app = ensure_app(store, settings.app)
+    segment = next(
+        s for s in store.list_segments(app.id, 1000, None).items
+        if s.definition.name == SAMPLE_SEGMENT
+    )  # fmt: skip
+    pipeline = Pipeline(settings, store)
+    pipeline.start()
+    results: list[tuple[str, int, int, float]] = []
+    ok = True
+
+    def wait_for(eligible: int) -> tuple[int, int, float]:
+        started = time.perf_counter()
+        while time.perf_counter() - started < 10:
+            pipeline.check()
+            estimate = store.estimate(app.id, segment.id)
+            if estimate.eligible == eligible and estimate.total == 9:
+                return estimate.total, estimate.eligible, time.perf_counter() - started
+            time.sleep(0.001)
+        estimate = store.estimate(app.id, segment.id)
+        return estimate.total, estimate.eligible, time.perf_counter() - started
+
+    try:
+        total, eligible, _ = wait_for(9)
+        results.append(("nine users captured (snapshot)", total, eligible, float("nan")))
+        ok &= eligible == 9
+        source = sqlite3.connect(workdir / "app.db")
+        steps = [
+            ("user1-user4 opt out", "userid IN ('user1','user2','user3','user4')", 5),
+            ("user5 opts out", "userid = 'user5'", 4),
+        ]
+        for label, where, expected in steps:
+            committed = time.perf_counter()
+            with source:
+                source.execute(f"UPDATE {SAMPLE_TABLE} SET optin = 0 WHERE {where}")
+            total, eligible, _ = wait_for(expected)
+            results.append((label, total, eligible, (time.perf_counter() - committed) * 1000))
+            ok &= eligible == expected
+        source.close()
+    finally:
+        pipeline.stop()
+        store.close()
+    table = Table(title=f"{SAMPLE_SEGMENT} (Country US)")
+    for column in ("step", "total", "eligible", "commit → applied"):
+        table.add_column(column)
+    for label, total, eligible, ms in results:
+        table.add_row(label, str(total), str(eligible), "-" if math.isnan(ms) else f"{ms:.1f} ms")
+    console.print(table)
+    console.print(" → ".join(str(r[2]) for r in results))
+    if keep:
+        click.echo(f"data folder: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not ok:
+        click.echo("demo FAILED: the eligible counts are not 9 → 5 → 4", err=True)
+        sys.exit(1)
 
 
 def main() -> None:
@@ -93,3 +470,7 @@ def main() -> None:
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from optsync.api.sigv4 import parse_credentials
+from optsync.apply.mapping import MappingRule
 from optsync.engine.endpoints import CountryDerivation
+from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
 from optsync.engine.sql import StoreSettings
 from optsync.errors import ConfigError
@@ -24,6 +26,8 @@ from optsync.errors import ConfigError
 __all__ = (
     "ApiSettings",
     "Settings",
+    "SourceSettings",
+    "StreamSettings",
     "load_settings",
     "load_or_create_credentials",
     "parse_listen",
@@ -43,15 +47,54 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class SourceSettings:
+    url: str
+    """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
+    tables: tuple[str, ...]
+    """The captured tables."""
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split(":", 1)[0].lower()
+
+    @property
+    def sqlite_path(self) -> Path:
+        if self.scheme != "sqlite":
+            raise ConfigError(f"[source] url {self.url!r} is not a sqlite:/// URL")
+        return Path(self.url.split(":///", 1)[1])
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    url: str = "embedded"
+    """``embedded`` (DATA_DIR/stream.db)."""
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("optsync-data")
-    """Folder for the embedded engine database and generated credentials."""
+    """Folder for the embedded engine, stream, DLQ and generated credentials."""
     api: ApiSettings = field(default_factory=ApiSettings)
     engine: StoreSettings = field(default_factory=StoreSettings)
+    app: str = "optin-demo"
+    """The engine app the mapping writes into; created if missing."""
+    source: SourceSettings | None = None
+    stream: StreamSettings = field(default_factory=StreamSettings)
+    mappings: tuple[MappingRule, ...] = ()
+    serve_api: bool = True
+    """Serve the API in ``optsync run`` (true when the file has an [api] table)."""
 
     @property
     def engine_path(self) -> Path:
         return self.data_dir / "engine.db"
+
+    @property
+    def stream_path(self) -> Path:
+        return self.data_dir / "stream.db"
+
+    @property
+    def dlq_path(self) -> Path:
+        return self.data_dir / "dlq.db"
 
 
 def parse_listen(value: str, key: str) -> tuple[str, int]:
@@ -111,13 +154,123 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     store = _typed(engine, "store", str, "[engine] ") or "sqlite"
     if store != "sqlite":
         raise ConfigError(f"[engine] store = {store!r}: this version has the 'sqlite' store only")
+    app = _typed(engine, "app", str, "[engine] ") or "optin-demo"
+    source = _source(doc, env)
+    stream = _section(doc, "stream")
+    stream_url = (
+        env.get("OPTSYNC_STREAM_URL") or _typed(stream, "url", str, "[stream] ") or "embedded"
+    )
+    if stream_url != "embedded":
+        raise ConfigError(f"[stream] url = {stream_url!r}: this version has 'embedded' only")
+    mappings = _mappings(doc, policy)
+    if source is not None:
+        for rule in mappings:
+            if rule.table not in source.tables:
+                raise ConfigError(
+                    f"[[mapping]] table = {rule.table!r} is not in [source] tables "
+                    f"{list(source.tables)}: add it there or fix the name"
+                )
     return Settings(
         data_dir=data_dir,
         api=ApiSettings(host=host, port=port, credentials=credentials),
         engine=StoreSettings(
             country=CountryDerivation(enabled=True if derive is None else derive, policy=policy)
         ),
+        app=app,
+        source=source,
+        stream=StreamSettings(url=stream_url),
+        mappings=mappings,
+        serve_api="api" in doc,
     )
+
+
+def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | None:
+    table = _section(doc, "source")
+    url = env.get("OPTSYNC_SOURCE_URL") or _typed(table, "url", str, "[source] ")
+    if not url:
+        return None
+    tables = table.get("tables")
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
+        raise ConfigError('[source] tables must list the captured tables, e.g. ["optin_status"]')
+    settings = SourceSettings(url=url, tables=tuple(tables))
+    if settings.scheme != "sqlite" or ":///" not in url:
+        raise ConfigError(
+            f"[source] url = {url!r}: this version captures sqlite:///path/to/app.db; "
+            "MySQL/MariaDB and PostgreSQL capture come in later versions"
+        )
+    return settings
+
+
+_MAPPING_KEYS = {
+    "table": str,
+    "channel": str,
+    "address": str,
+    "user_id": str,
+    "opt_in": str,
+    "endpoint_id": str,
+    "opt_in_true": list,
+    "opt_in_false": list,
+    "attributes": list,
+    "user_attributes": list,
+    "effective_date": str,
+    "schema": str,
+    "phone_policy": str,
+    "default_region": str,
+}
+
+
+def _mappings(doc: Mapping[str, Any], policy: PhonePolicy) -> tuple[MappingRule, ...]:
+    raw = doc.get("mapping", [])
+    if not isinstance(raw, list):
+        raise ConfigError(
+            "[[mapping]] must be an array of tables: write [[mapping]], not [mapping]"
+        )
+    rules = []
+    for i, item in enumerate(raw):
+        where = f"[[mapping]] #{i + 1} "
+        for key, value in item.items():
+            kind = _MAPPING_KEYS.get(key)
+            if kind is None:
+                raise ConfigError(
+                    f"{where}has unknown key {key!r}; known: {', '.join(_MAPPING_KEYS)}"
+                )
+            if not isinstance(value, kind):
+                raise ConfigError(f"{where}{key} must be a {kind.__name__}, not {value!r}")
+        for key in ("table", "address", "opt_in"):
+            if not item.get(key):
+                raise ConfigError(f"{where}needs {key} (the column or table name)")
+        try:
+            channel = ChannelType(str(item.get("channel", "SMS")).upper())
+        except ValueError:
+            raise ConfigError(
+                f"{where}channel = {item.get('channel')!r}: use SMS, EMAIL, VOICE, ..."
+            ) from None
+        try:
+            rule_policy = PhonePolicy(item.get("phone_policy", policy.value))
+        except ValueError:
+            raise ConfigError(f"{where}phone_policy: use 'possible' or 'valid'") from None
+        extra: dict[str, Any] = {}
+        for key in ("opt_in_true", "opt_in_false"):
+            if key in item:
+                extra[key] = frozenset(str(v).strip().lower() for v in item[key])
+        rules.append(
+            MappingRule(
+                table=item["table"],
+                channel=channel,
+                address=item["address"],
+                opt_in=item["opt_in"],
+                user_id=item.get("user_id"),
+                endpoint_id=item.get("endpoint_id"),
+                attributes=tuple(str(a) for a in item.get("attributes", ())),
+                user_attributes=tuple(str(a) for a in item.get("user_attributes", ())),
+                effective_date=item.get("effective_date"),
+                schema=item.get("schema"),
+                phone_policy=rule_policy,
+                default_region=item.get("default_region"),
+                **extra,
+            )
+        )
+    return tuple(rules)
 
 
 def load_or_create_credentials(data_dir: Path) -> tuple[dict[str, str], bool]:

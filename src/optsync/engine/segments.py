@@ -462,7 +462,8 @@ class _Sql:
     def set_filter(self, column: str, dim: SetDimension, values: Sequence[str]) -> str:
         marks = self.bind(*values)
         if dim.dimension_type is DimensionType.INCLUSIVE:
-            return f"{column} IN ({marks})"
+            # IS NOT NULL keeps the result two-valued, so NOT (...) in a NONE group is exact.
+            return f"({column} IS NOT NULL AND {column} IN ({marks}))"
         return f"({column} IS NULL OR {column} NOT IN ({marks}))"
 
     def attribute_filter(self, kind: str, name: str, dim: AttributeDimension) -> str:

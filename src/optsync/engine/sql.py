@@ -7,6 +7,7 @@ driver wants another paramstyle rewrite them in ``_sql``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from abc import abstractmethod
@@ -22,6 +23,7 @@ from optsync.engine.endpoints import (
     CountryDerivation,
     endpoint_key,
     merge,
+    validate_patch,
 )
 from optsync.engine.models import (
     PUSH_TOKEN_CHANNELS,
@@ -230,7 +232,8 @@ class SqlStore(EndpointStore):
         with self._write() as cur:
             self._exec(
                 cur,
-                "INSERT INTO apps (id, name, creation_date, tags) VALUES (?, ?, ?, ?)",
+                "INSERT INTO apps (id, name, creation_date, tags, seq) VALUES (?, ?, ?, ?, "
+                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM apps))",
                 (app.id, app.name, app.creation_date, _dumps(dict(app.tags))),
             )
         return App(app.id, app.name, self._app_arn(app.id), app.creation_date, app.tags)
@@ -252,7 +255,7 @@ class SqlStore(EndpointStore):
             row = self._exec(
                 cur,
                 "SELECT id, name, creation_date, tags FROM apps WHERE name = ? "
-                "ORDER BY creation_date, id LIMIT 1",
+                "ORDER BY seq LIMIT 1",
                 (name,),
             ).fetchone()
         return self._row_to_app(row) if row else None
@@ -262,8 +265,7 @@ class SqlStore(EndpointStore):
         with self._read() as cur:
             rows = self._exec(
                 cur,
-                "SELECT id, name, creation_date, tags FROM apps ORDER BY creation_date, id "
-                "LIMIT ? OFFSET ?",
+                "SELECT id, name, creation_date, tags FROM apps ORDER BY seq LIMIT ? OFFSET ?",
                 (page_size + 1, offset),
             ).fetchall()
         more = len(rows) > page_size
@@ -521,6 +523,19 @@ class SqlStore(EndpointStore):
             f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
         )
 
+    def _with_user_attributes(self, cur: Cursor, endpoint: Endpoint, key: str) -> Endpoint:
+        """An endpoint joining a UserId takes on the user's attributes (its own given ones win)."""
+        row = self._exec(
+            cur,
+            "SELECT user_attributes FROM endpoints WHERE app_id = ? AND user_id = ? AND "
+            "id_key <> ? LIMIT 1",
+            (endpoint.app_id, endpoint.user_id, key),
+        ).fetchone()
+        if row is None:
+            return endpoint
+        merged = {**_lists(row[0]), **endpoint.user_attributes}
+        return dataclasses.replace(endpoint, user_attributes=merged)
+
     def _sync_user_attributes(self, cur: Cursor, endpoint: Endpoint, patch: EndpointPatch) -> None:
         """Pinpoint keeps UserAttributes the same on every endpoint of one UserId."""
         rows = self._exec(
@@ -555,6 +570,7 @@ class SqlStore(EndpointStore):
             held = [p for p in (existing and existing.source_position, tomb) if p]
             if held and max(held) >= patch.position:
                 return False
+        validate_patch(patch)
         request_id = cause.ref if cause.kind is CauseKind.API else uuid.uuid4().hex
         endpoint = merge(
             existing,
@@ -564,9 +580,13 @@ class SqlStore(EndpointStore):
             request_id=request_id,
             country=self.settings.country,
         )
-        self._check_attribute_names(cur, app_id, endpoint)
-        if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
+        joins_user = bool(endpoint.user_id) and (
+            existing is None or existing.user_id != endpoint.user_id
+        )
+        if joins_user:
             self._make_room_for_user(cur, endpoint, key)
+            endpoint = self._with_user_attributes(cur, endpoint, key)
+        self._check_attribute_names(cur, app_id, endpoint)
         self._save(cur, pk, endpoint)
         if endpoint.address is not None:
             self._exec(
@@ -618,6 +638,8 @@ class SqlStore(EndpointStore):
         with self._write() as cur:
             self._get_app(cur, app_id)
             for write in writes:
+                if write.position is not None and cause.kind is CauseKind.SOURCE:
+                    cause = Cause(CauseKind.SOURCE, write.position)
                 if isinstance(write, EndpointDelete):
                     outcome = self._delete(cur, app_id, write, cause, now)
                     if outcome is False:

@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
     creation_date TEXT NOT NULL,
-    tags TEXT NOT NULL
+    tags TEXT NOT NULL,
+    seq INTEGER NOT NULL            -- creation order (dates have only millisecond precision)
 );
 CREATE TABLE IF NOT EXISTS channels (
     app_id TEXT NOT NULL,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from optsync.engine.models import (
     App,
@@ -25,8 +26,6 @@ from optsync.engine.models import (
 from optsync.engine.segments import SegmentDefinition
 
 __all__ = ("EndpointStore", "Segment")
-
-from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ class EndpointStore(ABC):
         """Apply upserts and deletes atomically, in order.
 
         A write with a ``position`` is skipped (counted ``stale``) when the endpoint, or the
-        tombstone of its deletion, already holds an equal or newer position.
+        tombstone of its deletion, already holds an equal or newer position. With a SOURCE
+        cause, each positioned write is recorded in the consent history under its own position.
         """
 
     @abstractmethod

@@ -1,0 +1,1 @@
+"""Apply (Lambda's role): mapping rules turn change events into endpoint writes."""

@@ -1,0 +1,187 @@
+"""The apply worker: stream records -> mapping -> engine writes, then acknowledge.
+
+Order of effects for one batch: engine writes (one transaction), dead letters (durable), then the
+stream acknowledgement. A crash anywhere before the acknowledgement redelivers the batch, and the
+engine's position guard makes the second application a no-op (exactly-once effect); the DLQ keeps
+one entry per stream offset. A batch the engine refuses (a limit, a bad value) is retried record
+by record, so one poison record goes to the DLQ while its neighbours apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.mapping import Mapper, MappingError
+from optsync.engine.models import Cause, CauseKind, EndpointDelete, EndpointPatch
+from optsync.engine.store import EndpointStore
+from optsync.errors import InvalidRequest
+from optsync.events import ChangeEvent, position_of
+from optsync.formats import dms
+from optsync.stream.base import ChangeStream, StreamRecord
+
+__all__ = ("ApplyStats", "ApplyWorker")
+
+logger = logging.getLogger(__name__)
+
+Write = EndpointPatch | EndpointDelete
+
+
+@dataclass
+class ApplyStats:
+    """Counters since the worker started (read by status and metrics)."""
+
+    records: int = 0
+    applied: int = 0
+    stale: int = 0
+    dead: int = 0
+    control: int = 0
+    last_position: str | None = None
+    last_commit_time: str | None = None
+    last_applied_at: float | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Item:
+    record: StreamRecord
+    event: ChangeEvent
+    writes: Sequence[Write]
+
+
+@dataclass
+class _Partial(_Item):
+    """A record whose safe part applies while the rest goes to the DLQ with ``reason``."""
+
+    reason: str = ""
+
+
+class ApplyWorker:
+    """Consumes one stream consumer's records into one engine app."""
+
+    def __init__(
+        self,
+        stream: ChangeStream,
+        mapper: Mapper,
+        store: EndpointStore,
+        app_id: str,
+        dlq: DeadLetterQueue,
+        consumer: str = "apply",
+        on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.mapper = mapper
+        self.store = store
+        self.app_id = app_id
+        self.dlq = dlq
+        self.consumer = consumer
+        self.on_applied = on_applied
+        self.stats = ApplyStats()
+
+    def step(self, limit: int = 1000, wait: float = 0.2) -> int:
+        """Handle up to ``limit`` records; returns how many (0 when the wait ran out)."""
+        records = self.stream.read(self.consumer, limit, wait)
+        if not records:
+            return 0
+        items: list[_Item] = []
+        dead: list[tuple[int, str, bytes, str]] = []
+        for record in records:
+            outcome = self._map(record)
+            if isinstance(outcome, str):
+                dead.append((record.offset, record.partition_key, record.data, outcome))
+            elif outcome is not None:
+                items.append(outcome)
+        dead += self._write(items)
+        self.dlq.add(self.consumer, dead)
+        self.stream.ack(self.consumer, records[-1].offset)
+        self.stats.records += len(records)
+        self.stats.dead += len(dead)
+        if dead:
+            logger.warning(
+                "dead letters consumer=%s count=%d first_reason=%s",
+                self.consumer,
+                len(dead),
+                dead[0][3],
+            )
+        if items:
+            self.stats.last_position = items[-1].event.position
+            self.stats.last_commit_time = items[-1].event.commit_time
+            self.stats.last_applied_at = time.time()
+            if self.on_applied is not None:
+                self.on_applied([i.event for i in items])
+        return len(records)
+
+    def _map(self, record: StreamRecord) -> _Item | str | None:
+        """The record's writes, a dead-letter reason, or None for a control record."""
+        try:
+            # A real DMS task's record may lack stream-position: the stream offset orders it.
+            event = dms.decode(record.data, fallback_position=position_of(record.offset))
+        except dms.ControlRecord:
+            self.stats.control += 1
+            return None
+        except dms.FormatError as exc:
+            return f"malformed record: {exc}"
+        try:
+            mapped = self.mapper.map(event)
+        except MappingError as exc:
+            return exc.reason
+        if mapped.failed:
+            if not mapped.writes:
+                return mapped.failed
+            # The safe part (removing an old endpoint) applies; the rest waits in the DLQ.
+            return _Partial(record, event, mapped.writes, mapped.failed)
+        return _Item(record, event, mapped.writes)
+
+    def _write(self, items: list[_Item]) -> list[tuple[int, str, bytes, str]]:
+        dead = [
+            (i.record.offset, i.record.partition_key, i.record.data, i.reason)
+            for i in items
+            if isinstance(i, _Partial)
+        ]
+        writes = [w for i in items for w in i.writes]
+        if not writes:
+            return dead
+        cause = Cause(CauseKind.SOURCE, "")
+        try:
+            result = self.store.write_endpoints(self.app_id, writes, cause)
+            self.stats.applied += result.applied
+            self.stats.stale += result.stale
+            return dead
+        except InvalidRequest:
+            pass  # find the record(s) the engine refuses; apply the others
+        for item in items:
+            try:
+                result = self.store.write_endpoints(self.app_id, item.writes, cause)
+            except InvalidRequest as exc:
+                dead.append(
+                    (item.record.offset, item.record.partition_key, item.record.data, str(exc))
+                )
+                continue
+            self.stats.applied += result.applied
+            self.stats.stale += result.stale
+        return dead
+
+    def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:
+        """Run dead letters through mapping and engine again; returns (replayed, failed)."""
+        entries = [e for e in self.dlq.list(limit=1_000_000) if ids is None or e.id in ids]
+        replayed: list[int] = []
+        failed = 0
+        for entry in entries:
+            record = StreamRecord(entry.stream_offset, entry.partition_key, entry.data, entry.at)
+            outcome = self._map(record)
+            if isinstance(outcome, str):
+                self.dlq.update_reason(entry.id, outcome)
+                failed += 1
+                continue
+            if outcome is not None:
+                still_dead = self._write([outcome])
+                if still_dead:
+                    self.dlq.update_reason(entry.id, still_dead[0][3])
+                    failed += 1
+                    continue
+            replayed.append(entry.id)
+        self.dlq.mark_replayed(replayed)
+        return len(replayed), failed

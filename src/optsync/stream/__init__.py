@@ -1,0 +1,1 @@
+"""The stream (Kinesis' role): a durable, ordered, replayable log of change events."""

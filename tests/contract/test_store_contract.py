@@ -1,0 +1,1371 @@
+"""The ``EndpointStore`` contract: every backend (see ``conftest.BACKENDS``) must pass all of it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+
+from optsync.engine.endpoints import (
+    MAX_ATTRIBUTE_NAME,
+    MAX_ATTRIBUTE_VALUE,
+    MAX_VALUES_PER_ATTRIBUTE,
+    CountryDerivation,
+    validate_patch,
+)
+from optsync.engine.models import (
+    Cause,
+    CauseKind,
+    ChannelType,
+    ConsentChange,
+    Demographic,
+    EndpointDelete,
+    EndpointPatch,
+    EndpointStatus,
+    Estimate,
+    Location,
+    OptOut,
+    WriteResult,
+)
+from optsync.engine.segments import SegmentDefinition, definition_from_wire
+from optsync.engine.sql import StoreSettings
+from optsync.engine.store import EndpointStore, Segment
+from optsync.errors import InvalidRequest, LimitExceeded, NotFound
+
+StoreFactory = Callable[[StoreSettings], EndpointStore]  # the make_store fixture of conftest
+API = Cause(CauseKind.API, "req-1")
+US_NUMBER = "+12341111111"  # +1 234 is unassigned but of possible length
+GB_NUMBER = "+447400123456"
+
+
+def source(position: str) -> Cause:
+    return Cause(CauseKind.SOURCE, position)
+
+
+def sms(endpoint_id: str, address: str = US_NUMBER, **fields: Any) -> EndpointPatch:
+    return EndpointPatch(id=endpoint_id, channel_type=ChannelType.SMS, address=address, **fields)
+
+
+def write(
+    store: EndpointStore,
+    app_id: str,
+    *writes: EndpointPatch | EndpointDelete,
+    cause: Cause = API,
+) -> WriteResult:
+    return store.write_endpoints(app_id, list(writes), cause)
+
+
+def definition(wire: Mapping[str, Any], name: str = "segment") -> SegmentDefinition:
+    return definition_from_wire({"Name": name, **wire}, require_name=True)
+
+
+def create_segment(
+    store: EndpointStore, app_id: str, wire: Mapping[str, Any], name: str = "segment"
+) -> Segment:
+    return store.create_segment(app_id, definition(wire, name))
+
+
+def country_segment(*codes: str, kind: str = "INCLUSIVE") -> dict[str, Any]:
+    return {"Dimensions": {"Location": {"Country": {"DimensionType": kind, "Values": list(codes)}}}}
+
+
+@pytest.fixture
+def app_id(store: EndpointStore) -> str:
+    return store.create_app("contract").id
+
+
+# apps -----------------------------------------------------------------------------------------
+
+
+def test_create_app_then_get_returns_it(store: EndpointStore) -> None:
+    app = store.create_app("shop", {"team": "growth"})
+    assert app.name == "shop"
+    assert dict(app.tags) == {"team": "growth"}
+    assert app.arn.endswith(f"apps/{app.id}")
+    assert store.get_app(app.id) == app
+
+
+def test_find_app_returns_oldest_with_that_name(store: EndpointStore) -> None:
+    first = store.create_app("shop")
+    # Creation dates have millisecond precision; apps of the same millisecond are unordered.
+    time.sleep(0.003)
+    store.create_app("shop")
+    store.create_app("other")
+    found = store.find_app("shop")
+    assert found is not None
+    assert found.id == first.id
+    assert store.find_app("missing") is None
+
+
+def test_list_apps_pages_through_every_app_once(store: EndpointStore) -> None:
+    created = {store.create_app(f"app{i}").id for i in range(5)}
+    seen: list[str] = []
+    sizes: list[int] = []
+    token: str | None = None
+    for _ in range(10):
+        page = store.list_apps(page_size=2, token=token)
+        seen.extend(a.id for a in page.items)
+        sizes.append(len(page.items))
+        token = page.next_token
+        if token is None:
+            break
+    assert sizes == [2, 2, 1]
+    assert sorted(seen) == sorted(created)
+
+
+def test_list_apps_refuses_a_foreign_token(store: EndpointStore) -> None:
+    with pytest.raises(InvalidRequest):
+        store.list_apps(page_size=2, token="not-a-token")
+
+
+def test_delete_app_removes_its_endpoints_and_segments(store: EndpointStore) -> None:
+    doomed = store.create_app("doomed").id
+    kept = store.create_app("kept").id
+    for app in (doomed, kept):
+        write(store, app, sms("e1", user_id="u1"))
+        store.put_channel(app, ChannelType.SMS, True, {})
+    segment = create_segment(store, doomed, country_segment("US"))
+
+    deleted = store.delete_app(doomed)
+
+    assert deleted.id == doomed
+    assert store.count_endpoints(doomed) == 0
+    for call in (
+        lambda: store.get_app(doomed),
+        lambda: store.get_endpoint(doomed, "e1"),
+        lambda: store.get_segment(doomed, segment.id),
+        lambda: store.get_channel(doomed, ChannelType.SMS),
+        lambda: store.delete_app(doomed),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    assert store.get_endpoint(kept, "e1").address == US_NUMBER
+    assert store.count_endpoints(kept) == 1
+    assert store.get_channel(kept, ChannelType.SMS).enabled is True
+
+
+UNKNOWN_APP_CALLS: dict[str, Callable[[EndpointStore, str, str], object]] = {
+    "get_app": lambda s, a, _seg: s.get_app(a),
+    "delete_app": lambda s, a, _seg: s.delete_app(a),
+    "put_channel": lambda s, a, _seg: s.put_channel(a, ChannelType.SMS, True, {}),
+    "get_channel": lambda s, a, _seg: s.get_channel(a, ChannelType.SMS),
+    "list_channels": lambda s, a, _seg: s.list_channels(a),
+    "delete_channel": lambda s, a, _seg: s.delete_channel(a, ChannelType.SMS),
+    "write_endpoints": lambda s, a, _seg: s.write_endpoints(a, [sms("e1")], API),
+    "get_endpoint": lambda s, a, _seg: s.get_endpoint(a, "e1"),
+    "delete_endpoint": lambda s, a, _seg: s.delete_endpoint(a, "e1", API),
+    "get_user_endpoints": lambda s, a, _seg: s.get_user_endpoints(a, "u1"),
+    "delete_user_endpoints": lambda s, a, _seg: s.delete_user_endpoints(a, "u1", API),
+    "consent_history": lambda s, a, _seg: s.consent_history(a, "e1"),
+    "create_segment": lambda s, a, _seg: s.create_segment(a, definition(country_segment("US"))),
+    "update_segment": lambda s, a, seg: s.update_segment(a, seg, definition({})),
+    "get_segment": lambda s, a, seg: s.get_segment(a, seg),
+    "list_segments": lambda s, a, _seg: s.list_segments(a, 10, None),
+    "list_segment_versions": lambda s, a, seg: s.list_segment_versions(a, seg, 10, None),
+    "delete_segment": lambda s, a, seg: s.delete_segment(a, seg),
+    "estimate": lambda s, a, seg: s.estimate(a, seg),
+}
+
+
+@pytest.mark.parametrize("call", list(UNKNOWN_APP_CALLS))
+def test_unknown_app_is_not_found(store: EndpointStore, app_id: str, call: str) -> None:
+    # The real app holds everything the call names, so only the app id can make it fail.
+    write(store, app_id, sms("e1", user_id="u1"))
+    store.put_channel(app_id, ChannelType.SMS, True, {})
+    segment = create_segment(store, app_id, country_segment("US"))
+    with pytest.raises(NotFound):
+        UNKNOWN_APP_CALLS[call](store, "no-such-app", segment.id)
+    assert store.count_endpoints(app_id) == 1
+
+
+# channels -------------------------------------------------------------------------------------
+
+
+def test_put_channel_creates_version_one(store: EndpointStore, app_id: str) -> None:
+    channel = store.put_channel(app_id, ChannelType.SMS, True, {"SenderId": "SHOP"})
+    assert channel.version == 1
+    assert channel.enabled is True
+    assert dict(channel.settings) == {"SenderId": "SHOP"}
+    assert store.get_channel(app_id, ChannelType.SMS) == channel
+
+
+def test_put_channel_again_bumps_version_and_merges_settings(
+    store: EndpointStore, app_id: str
+) -> None:
+    first = store.put_channel(app_id, ChannelType.SMS, True, {"SenderId": "SHOP", "Keyword": "A"})
+    second = store.put_channel(app_id, ChannelType.SMS, None, {"Keyword": "B", "ShortCode": 7})
+    assert second.version == 2
+    assert second.enabled is True  # None keeps the previous value
+    assert dict(second.settings) == {"SenderId": "SHOP", "Keyword": "B", "ShortCode": 7}
+    assert second.creation_date == first.creation_date
+    third = store.put_channel(app_id, ChannelType.SMS, False, {})
+    assert (third.version, third.enabled) == (3, False)
+    assert store.get_channel(app_id, ChannelType.SMS) == third
+
+
+def test_list_and_delete_channels(store: EndpointStore, app_id: str) -> None:
+    sms_channel = store.put_channel(app_id, ChannelType.SMS, True, {})
+    email_channel = store.put_channel(app_id, ChannelType.EMAIL, False, {"FromAddress": "a@b.c"})
+    listed = store.list_channels(app_id)
+    assert sorted(c.channel_type for c in listed) == [ChannelType.EMAIL, ChannelType.SMS]
+
+    assert store.delete_channel(app_id, ChannelType.SMS) == sms_channel
+    assert store.list_channels(app_id) == [email_channel]
+    with pytest.raises(NotFound):
+        store.get_channel(app_id, ChannelType.SMS)
+    with pytest.raises(NotFound):
+        store.delete_channel(app_id, ChannelType.SMS)
+
+
+def test_unknown_channel_is_not_found(store: EndpointStore, app_id: str) -> None:
+    store.put_channel(app_id, ChannelType.SMS, True, {})
+    with pytest.raises(NotFound):
+        store.get_channel(app_id, ChannelType.VOICE)
+    with pytest.raises(NotFound):
+        store.delete_channel(app_id, ChannelType.VOICE)
+
+
+# endpoints: creation and merge ----------------------------------------------------------------
+
+
+def test_new_endpoint_needs_channel_type(store: EndpointStore, app_id: str) -> None:
+    with pytest.raises(InvalidRequest, match="Missing ChannelType"):
+        write(store, app_id, EndpointPatch(id="e1", address=US_NUMBER))
+    assert store.count_endpoints(app_id) == 0
+
+
+def test_existing_endpoint_needs_no_channel_type(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1"))
+    write(store, app_id, EndpointPatch(id="e1", opt_out=OptOut.ALL))
+    endpoint = store.get_endpoint(app_id, "e1")
+    assert (endpoint.channel_type, endpoint.opt_out) == (ChannelType.SMS, OptOut.ALL)
+
+
+def test_write_merges_field_by_field(store: EndpointStore, app_id: str) -> None:
+    write(
+        store,
+        app_id,
+        sms(
+            "e1",
+            user_id="u1",
+            user_attributes={"Tier": ("gold",)},
+            attributes={"Plan": ("a", "b"), "Team": ("x",)},
+            metrics={"visits": 1.0, "score": 2.0},
+            demographic=Demographic(platform="android", make="Google"),
+            location=Location(city="Berlin", country="DE"),
+        ),
+    )
+    write(store, app_id, EndpointPatch(id="e1", opt_out=OptOut.ALL))
+
+    kept = store.get_endpoint(app_id, "e1")
+    assert kept.opt_out is OptOut.ALL
+    assert kept.address == US_NUMBER
+    assert kept.user_id == "u1"
+    assert dict(kept.user_attributes) == {"Tier": ("gold",)}
+    assert dict(kept.attributes) == {"Plan": ("a", "b"), "Team": ("x",)}
+    assert dict(kept.metrics) == {"visits": 1.0, "score": 2.0}
+    assert kept.demographic == Demographic(platform="android", make="Google")
+    assert kept.location == Location(city="Berlin", country="DE")
+
+    write(
+        store,
+        app_id,
+        EndpointPatch(
+            id="e1",
+            attributes={"Plan": ("c",), "New": ("n",)},
+            metrics={"score": 5.0, "level": 3.0},
+            demographic=Demographic(model="Pixel"),
+            location=Location(city="Paris"),
+        ),
+    )
+    merged = store.get_endpoint(app_id, "e1")
+    assert dict(merged.attributes) == {"Plan": ("c",), "Team": ("x",), "New": ("n",)}
+    assert dict(merged.metrics) == {"visits": 1.0, "score": 5.0, "level": 3.0}
+    assert merged.demographic == Demographic(platform="android", make="Google", model="Pixel")
+    assert merged.location == Location(city="Paris", country="DE")
+    assert merged.opt_out is OptOut.ALL
+    assert merged.creation_date == kept.creation_date
+
+
+def test_write_makes_endpoint_active_unless_status_given(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", endpoint_status=EndpointStatus.INACTIVE))
+    assert store.get_endpoint(app_id, "e1").endpoint_status is EndpointStatus.INACTIVE
+    write(store, app_id, EndpointPatch(id="e1", attributes={"Plan": ("a",)}))
+    assert store.get_endpoint(app_id, "e1").endpoint_status is EndpointStatus.ACTIVE
+    write(store, app_id, EndpointPatch(id="e1", endpoint_status=EndpointStatus.INACTIVE))
+    assert store.get_endpoint(app_id, "e1").endpoint_status is EndpointStatus.INACTIVE
+
+
+def test_batch_applies_in_order(store: EndpointStore, app_id: str) -> None:
+    result = write(
+        store,
+        app_id,
+        sms("e1"),
+        EndpointPatch(id="E1", opt_out=OptOut.ALL),
+        EndpointDelete("e1"),
+        sms("e1", address=GB_NUMBER),
+    )
+    assert result == WriteResult(applied=4)
+    endpoint = store.get_endpoint(app_id, "e1")
+    assert (endpoint.address, endpoint.opt_out) == (GB_NUMBER, OptOut.NONE)
+    assert transitions(store.consent_history(app_id, "e1")) == [
+        (None, OptOut.NONE),
+        (OptOut.NONE, OptOut.ALL),
+        (OptOut.ALL, None),
+        (None, OptOut.NONE),
+    ]
+
+
+def test_endpoint_ids_are_case_insensitive(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("User1_X"))
+    write(store, app_id, EndpointPatch(id="USER1_x", opt_out=OptOut.ALL))
+    endpoint = store.get_endpoint(app_id, "user1_x")
+    assert endpoint.id == "User1_X"
+    assert endpoint.opt_out is OptOut.ALL
+    assert store.count_endpoints(app_id) == 1
+    assert store.delete_endpoint(app_id, "USER1_X", API).id == "User1_X"
+    assert store.count_endpoints(app_id) == 0
+
+
+# endpoints: country ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("channel", "address", "country"),
+    [
+        (ChannelType.SMS, US_NUMBER, "US"),
+        (ChannelType.SMS, GB_NUMBER, "GB"),
+        (ChannelType.VOICE, GB_NUMBER, "GB"),
+        (ChannelType.EMAIL, "someone@example.com", None),
+    ],
+)
+def test_country_is_derived_from_phone_number(
+    store: EndpointStore, app_id: str, channel: ChannelType, address: str, country: str | None
+) -> None:
+    write(store, app_id, EndpointPatch(id="e1", channel_type=channel, address=address))
+    assert store.get_endpoint(app_id, "e1").location.country == country
+
+
+def test_given_country_is_kept_and_matches_its_alpha2(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", address=GB_NUMBER, location=Location(country="USA")))
+    assert store.get_endpoint(app_id, "e1").location.country == "USA"
+    us = create_segment(store, app_id, country_segment("US"))
+    gb = create_segment(store, app_id, country_segment("GB"))
+    assert store.estimate(app_id, us.id) == Estimate(total=1, eligible=1)
+    assert store.estimate(app_id, gb.id) == Estimate(total=0, eligible=0)
+
+
+def test_no_country_derived_when_disabled(make_store: StoreFactory) -> None:
+    store = make_store(StoreSettings(country=CountryDerivation(enabled=False)))
+    app_id = store.create_app("no-derivation").id
+    write(store, app_id, sms("e1"))
+    assert store.get_endpoint(app_id, "e1").location.country is None
+    segment = create_segment(store, app_id, country_segment("US"))
+    assert store.estimate(app_id, segment.id) == Estimate(total=0, eligible=0)
+
+
+# endpoints: same address, user cap, user attributes ------------------------------------------
+
+
+def test_same_address_on_same_channel_deactivates_the_older_endpoint(
+    store: EndpointStore, app_id: str
+) -> None:
+    write(store, app_id, sms("a"))
+    write(store, app_id, sms("b"))
+    assert store.get_endpoint(app_id, "a").endpoint_status is EndpointStatus.INACTIVE
+    assert store.get_endpoint(app_id, "b").endpoint_status is EndpointStatus.ACTIVE
+
+
+def test_same_address_on_another_channel_changes_nothing(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("a"))
+    write(store, app_id, EndpointPatch(id="v", channel_type=ChannelType.VOICE, address=US_NUMBER))
+    assert store.get_endpoint(app_id, "a").endpoint_status is EndpointStatus.ACTIVE
+    assert store.get_endpoint(app_id, "v").endpoint_status is EndpointStatus.ACTIVE
+
+
+def test_sixteenth_sms_endpoint_of_a_user_is_refused_atomically(
+    store: EndpointStore, app_id: str
+) -> None:
+    fifteen = [sms(f"e{i}", address=f"+1234111{i:04d}", user_id="u1") for i in range(15)]
+    assert write(store, app_id, *fifteen).applied == 15
+    with pytest.raises(LimitExceeded, match="Exceeded maximum endpoint per user count: 15"):
+        write(
+            store,
+            app_id,
+            sms("bystander", address="+12342220000"),
+            EndpointPatch(id="e0", opt_out=OptOut.ALL),
+            sms("e15", address="+12341119999", user_id="u1"),
+        )
+    assert store.count_endpoints(app_id) == 15
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "bystander")
+    assert store.get_endpoint(app_id, "e0").opt_out is OptOut.NONE
+    assert len(store.get_user_endpoints(app_id, "u1")) == 15
+
+
+def test_sixteen_sms_endpoints_in_one_batch_write_nothing(
+    store: EndpointStore, app_id: str
+) -> None:
+    sixteen = [sms(f"e{i}", address=f"+1234111{i:04d}", user_id="u1") for i in range(16)]
+    with pytest.raises(LimitExceeded):
+        write(store, app_id, *sixteen)
+    assert store.count_endpoints(app_id) == 0
+
+
+def test_sixteenth_push_endpoint_retires_the_oldest(store: EndpointStore, app_id: str) -> None:
+    for i in range(15):
+        write(
+            store,
+            app_id,
+            EndpointPatch(
+                id=f"p{i}", channel_type=ChannelType.GCM, address=f"token-{i}", user_id="u1"
+            ),
+        )
+    result = write(
+        store,
+        app_id,
+        EndpointPatch(id="p15", channel_type=ChannelType.GCM, address="token-15", user_id="u1"),
+    )
+    assert result.applied == 1
+    oldest = store.get_endpoint(app_id, "p0")
+    assert oldest.endpoint_status is EndpointStatus.INACTIVE
+    assert oldest.user_id is None
+    user = store.get_user_endpoints(app_id, "u1")
+    assert sorted(e.id for e in user) == sorted(f"p{i}" for i in range(1, 16))
+    assert all(e.endpoint_status is EndpointStatus.ACTIVE for e in user)
+
+
+def test_user_attributes_sync_across_the_users_endpoints(store: EndpointStore, app_id: str) -> None:
+    write(
+        store,
+        app_id,
+        sms("a", user_id="u1"),
+        EndpointPatch(id="b", channel_type=ChannelType.EMAIL, address="u1@x.com", user_id="u1"),
+        sms("c", address="+12349990000", user_id="u2"),
+    )
+    write(store, app_id, EndpointPatch(id="a", user_attributes={"Tier": ("gold",)}))
+    assert dict(store.get_endpoint(app_id, "b").user_attributes) == {"Tier": ("gold",)}
+
+    write(store, app_id, EndpointPatch(id="b", user_attributes={"Lang": ("en",)}))
+    both = {"Tier": ("gold",), "Lang": ("en",)}
+    assert dict(store.get_endpoint(app_id, "a").user_attributes) == both
+    assert dict(store.get_endpoint(app_id, "b").user_attributes) == both
+
+    write(store, app_id, EndpointPatch(id="a", user_attributes={"Tier": ("silver",)}))
+    assert dict(store.get_endpoint(app_id, "b").user_attributes) == {
+        "Tier": ("silver",),
+        "Lang": ("en",),
+    }
+    assert dict(store.get_endpoint(app_id, "c").user_attributes) == {}
+    # Segments see the synced values, not only the stored maps.
+    silver = create_segment(
+        store, app_id, {"Dimensions": {"UserAttributes": {"Tier": {"Values": ["silver"]}}}}
+    )
+    gold = create_segment(
+        store, app_id, {"Dimensions": {"UserAttributes": {"Tier": {"Values": ["gold"]}}}}
+    )
+    assert store.estimate(app_id, silver.id).total == 2
+    assert store.estimate(app_id, gold.id).total == 0
+
+
+def test_endpoint_joining_a_user_gets_the_users_attributes(
+    store: EndpointStore, app_id: str
+) -> None:
+    # Pinpoint keeps UserAttributes the same on every endpoint of one UserId.
+    write(store, app_id, sms("a", user_id="u1", user_attributes={"Tier": ("gold",)}))
+    write(store, app_id, EndpointPatch(id="b", channel_type=ChannelType.EMAIL, user_id="u1"))
+    assert dict(store.get_endpoint(app_id, "b").user_attributes) == {"Tier": ("gold",)}
+
+
+# limits ---------------------------------------------------------------------------------------
+
+
+LONG_NAME = "n" * (MAX_ATTRIBUTE_NAME + 1)
+LONG_VALUE = "v" * (MAX_ATTRIBUTE_VALUE + 1)
+MANY_VALUES = tuple(str(i) for i in range(MAX_VALUES_PER_ATTRIBUTE + 1))
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        sms("e1", attributes={LONG_NAME: ("v",)}),
+        sms("e1", attributes={"a": (LONG_VALUE,)}),
+        sms("e1", attributes={"a": MANY_VALUES}),
+        sms("e1", user_attributes={LONG_NAME: ("v",)}),
+        sms("e1", user_attributes={"a": (LONG_VALUE,)}),
+        sms("e1", user_attributes={"a": MANY_VALUES}),
+        sms("e1", metrics={LONG_NAME: 1.0}),
+    ],
+    ids=[
+        "attribute-name-51",
+        "attribute-value-101",
+        "attribute-51-values",
+        "user-attribute-name-51",
+        "user-attribute-value-101",
+        "user-attribute-51-values",
+        "metric-name-51",
+    ],
+)
+def test_validate_patch_refuses_attributes_over_the_limits(patch: EndpointPatch) -> None:
+    with pytest.raises(LimitExceeded):
+        validate_patch(patch)
+
+
+def test_validate_patch_accepts_attributes_at_the_limits() -> None:
+    at_limit = tuple("v" * MAX_ATTRIBUTE_VALUE for _ in range(MAX_VALUES_PER_ATTRIBUTE))
+    validate_patch(
+        sms(
+            "e1",
+            attributes={"n" * MAX_ATTRIBUTE_NAME: at_limit},
+            user_attributes={"n" * MAX_ATTRIBUTE_NAME: at_limit},
+            metrics={"n" * MAX_ATTRIBUTE_NAME: 1.0},
+        )
+    )
+
+
+def test_oversized_endpoint_is_refused_atomically(store: EndpointStore, app_id: str) -> None:
+    # Each attribute is 50 values of 100 characters (~5 KB); the limit is 15 KB per endpoint.
+    big = tuple("v" * MAX_ATTRIBUTE_VALUE for _ in range(MAX_VALUES_PER_ATTRIBUTE))
+    write(store, app_id, sms("e1", attributes={"a": big, "b": big}))
+    with pytest.raises(LimitExceeded, match="bytes per endpoint"):
+        write(
+            store,
+            app_id,
+            sms("e2", address="+12342220000"),
+            EndpointPatch(id="e1", attributes={"c": big, "d": big}),
+        )
+    assert sorted(store.get_endpoint(app_id, "e1").attributes) == ["a", "b"]
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "e2")
+
+
+def test_app_holds_at_most_250_attribute_names(store: EndpointStore, app_id: str) -> None:
+    names = {f"attr{i:03d}": ("v",) for i in range(250)}
+    write(store, app_id, sms("e1", attributes=names))
+    # Names already known stay usable.
+    write(store, app_id, sms("e2", address="+12342220000", attributes={"attr000": ("w",)}))
+    with pytest.raises(LimitExceeded, match="Too many custom attributes"):
+        write(store, app_id, sms("e3", address="+12343330000", attributes={"attr250": ("v",)}))
+    with pytest.raises(LimitExceeded, match="Too many custom attributes"):
+        write(store, app_id, sms("e3", address="+12343330000", metrics={"m": 1.0}))
+    assert store.count_endpoints(app_id) == 2
+
+
+def test_refused_batch_registers_no_attribute_names(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", attributes={f"attr{i:03d}": ("v",) for i in range(249)}))
+    with pytest.raises(LimitExceeded, match="Too many custom attributes"):
+        write(
+            store,
+            app_id,
+            sms("e2", address="+12342220000", attributes={"first": ("v",)}),
+            sms("e3", address="+12343330000", attributes={"second": ("v",)}),
+        )
+    # "first" was rolled back with its batch, so "second" is still the 250th name.
+    write(store, app_id, sms("e3", address="+12343330000", attributes={"second": ("v",)}))
+    assert store.count_endpoints(app_id) == 2
+
+
+# positions (exactly-once effect) --------------------------------------------------------------
+
+
+def test_positions_make_replays_harmless(store: EndpointStore, app_id: str) -> None:
+    first = write(store, app_id, sms("e1", position="0005"), cause=source("0005"))
+    assert first == WriteResult(applied=1)
+    assert store.get_endpoint(app_id, "e1").source_position == "0005"
+
+    replay = write(
+        store, app_id, sms("e1", opt_out=OptOut.ALL, position="0005"), cause=source("0005")
+    )
+    older = write(
+        store, app_id, sms("e1", opt_out=OptOut.ALL, position="0003"), cause=source("0003")
+    )
+    assert replay == WriteResult(stale=1)
+    assert older == WriteResult(stale=1)
+    unchanged = store.get_endpoint(app_id, "e1")
+    assert (unchanged.opt_out, unchanged.source_position) == (OptOut.NONE, "0005")
+
+    newer = write(
+        store, app_id, sms("e1", opt_out=OptOut.ALL, position="0007"), cause=source("0007")
+    )
+    assert newer == WriteResult(applied=1)
+    applied = store.get_endpoint(app_id, "e1")
+    assert (applied.opt_out, applied.source_position) == (OptOut.ALL, "0007")
+
+
+def test_positioned_delete_leaves_a_tombstone(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", position="0007"), cause=source("0007"))
+    stale_delete = write(store, app_id, EndpointDelete("e1", "0006"), cause=source("0006"))
+    assert stale_delete == WriteResult(stale=1)
+    assert store.count_endpoints(app_id) == 1
+
+    deleted = write(store, app_id, EndpointDelete("e1", "0009"), cause=source("0009"))
+    assert deleted == WriteResult(applied=1)
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "e1")
+
+    late = write(store, app_id, sms("e1", position="0008"), cause=source("0008"))
+    assert late == WriteResult(stale=1)
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "e1")
+
+    recreated = write(store, app_id, sms("e1", position="0010"), cause=source("0010"))
+    assert recreated == WriteResult(applied=1)
+    assert store.get_endpoint(app_id, "e1").source_position == "0010"
+
+
+def test_delete_of_a_missing_endpoint_counts_missing(store: EndpointStore, app_id: str) -> None:
+    result = write(
+        store,
+        app_id,
+        EndpointDelete("ghost"),
+        EndpointDelete("phantom", "0004"),
+        cause=source("0004"),
+    )
+    assert result == WriteResult(missing=2)
+    # The positioned one still guards against an older upsert.
+    assert write(store, app_id, sms("phantom", position="0003")) == WriteResult(stale=1)
+
+
+def test_one_batch_counts_each_outcome(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", position="0005"), cause=source("0005"))
+    result = write(
+        store,
+        app_id,
+        sms("e1", opt_out=OptOut.ALL, position="0004"),
+        sms("e2", address="+12342220000", position="0006"),
+        EndpointDelete("ghost", "0006"),
+        EndpointDelete("e1", "0007"),
+        cause=source("0007"),
+    )
+    assert result == WriteResult(applied=2, stale=1, missing=1)
+    assert store.count_endpoints(app_id) == 1
+
+
+def test_api_write_without_position_applies_and_keeps_the_position(
+    store: EndpointStore, app_id: str
+) -> None:
+    write(store, app_id, sms("e1", position="0010"), cause=source("0010"))
+    assert write(store, app_id, EndpointPatch(id="e1", opt_out=OptOut.ALL)) == WriteResult(
+        applied=1
+    )
+    endpoint = store.get_endpoint(app_id, "e1")
+    assert (endpoint.opt_out, endpoint.source_position) == (OptOut.ALL, "0010")
+    # The kept position still guards the endpoint against replays.
+    replay = write(store, app_id, sms("e1", opt_out=OptOut.NONE, position="0010"))
+    assert replay == WriteResult(stale=1)
+    assert store.get_endpoint(app_id, "e1").opt_out is OptOut.ALL
+
+
+# delete and user endpoints --------------------------------------------------------------------
+
+
+def test_delete_endpoint_returns_it(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", attributes={"Plan": ("gold",)}))
+    before = store.get_endpoint(app_id, "e1")
+    assert store.delete_endpoint(app_id, "e1", API) == before
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "e1")
+    with pytest.raises(NotFound):
+        store.delete_endpoint(app_id, "e1", API)
+    # Its attribute rows went with it.
+    plan = create_segment(
+        store, app_id, {"Dimensions": {"Attributes": {"Plan": {"Values": ["gold"]}}}}
+    )
+    assert store.estimate(app_id, plan.id).total == 0
+
+
+def test_get_and_delete_user_endpoints(store: EndpointStore, app_id: str) -> None:
+    write(
+        store,
+        app_id,
+        sms("a", user_id="u1"),
+        EndpointPatch(id="b", channel_type=ChannelType.EMAIL, address="x@y.z", user_id="u1"),
+        sms("c", address="+12342220000", user_id="u2"),
+    )
+    assert sorted(e.id for e in store.get_user_endpoints(app_id, "u1")) == ["a", "b"]
+    with pytest.raises(NotFound):
+        store.get_user_endpoints(app_id, "nobody")
+    with pytest.raises(NotFound):
+        store.delete_user_endpoints(app_id, "nobody", API)
+
+    deleted = store.delete_user_endpoints(app_id, "u1", API)
+    assert sorted(e.id for e in deleted) == ["a", "b"]
+    with pytest.raises(NotFound):
+        store.get_user_endpoints(app_id, "u1")
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "a")
+    assert [e.id for e in store.get_user_endpoints(app_id, "u2")] == ["c"]
+    assert store.count_endpoints(app_id) == 1
+
+
+# consent history ------------------------------------------------------------------------------
+
+
+def transitions(history: Sequence[ConsentChange]) -> list[tuple[OptOut | None, OptOut | None]]:
+    return [(c.opt_out_before, c.opt_out_after) for c in history]
+
+
+def test_consent_history_records_every_opt_out_change(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1"), cause=Cause(CauseKind.API, "req-create"))
+    write(
+        store,
+        app_id,
+        EndpointPatch(id="e1", opt_out=OptOut.ALL, position="0042"),
+        cause=source("0042"),
+    )
+    write(store, app_id, EndpointPatch(id="e1", attributes={"Plan": ("gold",)}))
+    write(store, app_id, EndpointPatch(id="e1", opt_out=OptOut.ALL))  # the same value again
+    store.delete_endpoint(app_id, "e1", Cause(CauseKind.API, "req-delete"))
+
+    history = store.consent_history(app_id, "E1")
+    assert transitions(history) == [
+        (None, OptOut.NONE),
+        (OptOut.NONE, OptOut.ALL),
+        (OptOut.ALL, None),
+    ]
+    assert [c.cause for c in history] == [
+        Cause(CauseKind.API, "req-create"),
+        Cause(CauseKind.SOURCE, "0042"),
+        Cause(CauseKind.API, "req-delete"),
+    ]
+    assert {c.endpoint_id for c in history} == {"e1"}
+    assert {c.address for c in history} == {US_NUMBER}
+    assert [c.at for c in history] == sorted(c.at for c in history)
+
+
+def test_consent_history_of_positioned_delete(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("e1", opt_out=OptOut.ALL, position="0001"), cause=source("0001"))
+    write(store, app_id, EndpointDelete("e1", "0002"), cause=source("0002"))
+    history = store.consent_history(app_id, "e1")
+    assert transitions(history) == [(None, OptOut.ALL), (OptOut.ALL, None)]
+    assert history[-1].cause == source("0002")
+
+
+def test_consent_history_of_unknown_endpoint_is_not_found(
+    store: EndpointStore, app_id: str
+) -> None:
+    write(store, app_id, sms("e1"))
+    with pytest.raises(NotFound):
+        store.consent_history(app_id, "e2")
+
+
+# segments: lifecycle --------------------------------------------------------------------------
+
+
+def test_create_segment(store: EndpointStore, app_id: str) -> None:
+    segment = create_segment(store, app_id, country_segment("US"), name="americans")
+    assert segment.version == 1
+    assert segment.segment_type == "DIMENSIONAL"
+    assert segment.definition.name == "americans"
+    assert segment.arn.endswith(segment.id)
+    fetched = store.get_segment(app_id, segment.id)
+    assert fetched.version == 1
+    assert fetched.definition.name == "americans"
+    assert fetched.definition.dimensions == segment.definition.dimensions
+
+
+def test_update_segment_adds_a_version(store: EndpointStore, app_id: str) -> None:
+    write(store, app_id, sms("us"), sms("gb", address=GB_NUMBER))
+    first = create_segment(store, app_id, country_segment("US"), name="by-country")
+    update = definition_from_wire(country_segment("GB"), require_name=False)
+    second = store.update_segment(app_id, first.id, update)
+
+    assert second.version == 2
+    assert second.id == first.id
+    assert second.definition.name == "by-country"
+    assert second.creation_date == first.creation_date
+    assert store.get_segment(app_id, first.id).version == 2
+    old = store.get_segment(app_id, first.id, version=1)
+    assert old.definition.dimensions == first.definition.dimensions
+    assert store.get_segment(app_id, first.id, version=2).definition.name == "by-country"
+
+    renamed = store.update_segment(
+        app_id, first.id, definition_from_wire({"Name": "x"}, require_name=False)
+    )
+    assert renamed.version == 3
+    assert renamed.definition.name == "x"
+    assert renamed.definition.dimensions == second.definition.dimensions
+
+    # Version 1 selects the US endpoint; the latest selects GB ones, including new ones.
+    assert store.estimate(app_id, first.id, version=1) == Estimate(total=1, eligible=1)
+    assert store.estimate(app_id, first.id) == Estimate(total=1, eligible=1)
+    write(store, app_id, sms("gb2", address="+447400123457"))
+    assert store.estimate(app_id, first.id) == Estimate(total=2, eligible=2)
+    assert store.estimate(app_id, first.id, version=1) == Estimate(total=1, eligible=1)
+
+
+def test_list_segments_shows_latest_versions_in_pages(store: EndpointStore, app_id: str) -> None:
+    created = [create_segment(store, app_id, country_segment("US"), name=f"s{i}") for i in range(5)]
+    store.update_segment(app_id, created[1].id, definition({}, name="s1-renamed"))
+    seen: list[Segment] = []
+    token: str | None = None
+    for _ in range(10):
+        page = store.list_segments(app_id, page_size=2, token=token)
+        assert len(page.items) <= 2
+        seen.extend(page.items)
+        token = page.next_token
+        if token is None:
+            break
+    assert sorted(s.id for s in seen) == sorted(s.id for s in created)
+    by_id = {s.id: s for s in seen}
+    assert by_id[created[1].id].version == 2
+    assert by_id[created[1].id].definition.name == "s1-renamed"
+    assert by_id[created[0].id].version == 1
+
+
+def test_list_segment_versions(store: EndpointStore, app_id: str) -> None:
+    segment = create_segment(store, app_id, country_segment("US"))
+    for code in ("GB", "DE"):
+        store.update_segment(app_id, segment.id, definition(country_segment(code)))
+    first = store.list_segment_versions(app_id, segment.id, page_size=2, token=None)
+    assert [s.version for s in first.items] == [1, 2]
+    assert first.next_token is not None
+    rest = store.list_segment_versions(app_id, segment.id, page_size=2, token=first.next_token)
+    assert [s.version for s in rest.items] == [3]
+    assert rest.next_token is None
+
+
+def test_delete_segment(store: EndpointStore, app_id: str) -> None:
+    segment = create_segment(store, app_id, country_segment("US"))
+    store.update_segment(app_id, segment.id, definition(country_segment("GB")))
+    other = create_segment(store, app_id, country_segment("DE"))
+    deleted = store.delete_segment(app_id, segment.id)
+    assert (deleted.id, deleted.version) == (segment.id, 2)
+    for call in (
+        lambda: store.get_segment(app_id, segment.id),
+        lambda: store.get_segment(app_id, segment.id, version=1),
+        lambda: store.estimate(app_id, segment.id),
+        lambda: store.delete_segment(app_id, segment.id),
+    ):
+        with pytest.raises(NotFound):
+            call()
+    assert [s.id for s in store.list_segments(app_id, 10, None).items] == [other.id]
+
+
+SEGMENT_CALLS: dict[str, Callable[[EndpointStore, str, str], object]] = {
+    "get_segment": lambda s, a, seg: s.get_segment(a, seg),
+    "update_segment": lambda s, a, seg: s.update_segment(a, seg, definition({})),
+    "list_segment_versions": lambda s, a, seg: s.list_segment_versions(a, seg, 10, None),
+    "delete_segment": lambda s, a, seg: s.delete_segment(a, seg),
+    "estimate": lambda s, a, seg: s.estimate(a, seg),
+}
+
+
+@pytest.mark.parametrize("call", list(SEGMENT_CALLS))
+def test_unknown_segment_is_not_found(store: EndpointStore, app_id: str, call: str) -> None:
+    create_segment(store, app_id, country_segment("US"))
+    with pytest.raises(NotFound):
+        SEGMENT_CALLS[call](store, app_id, "no-such-segment")
+
+
+def test_unknown_segment_version_is_not_found(store: EndpointStore, app_id: str) -> None:
+    segment = create_segment(store, app_id, country_segment("US"))
+    with pytest.raises(NotFound):
+        store.get_segment(app_id, segment.id, version=2)
+    with pytest.raises(NotFound):
+        store.estimate(app_id, segment.id, version=2)
+
+
+def test_segment_of_another_app_is_not_found(store: EndpointStore, app_id: str) -> None:
+    other = store.create_app("other").id
+    segment = create_segment(store, other, country_segment("US"))
+    with pytest.raises(NotFound):
+        store.get_segment(app_id, segment.id)
+
+
+def test_unknown_source_segment_is_refused_at_write(store: EndpointStore, app_id: str) -> None:
+    wire = {"SegmentGroups": {"Groups": [{"SourceSegments": [{"Id": "no-such-segment"}]}]}}
+    with pytest.raises(NotFound):
+        create_segment(store, app_id, wire)
+    base = create_segment(store, app_id, country_segment("US"))
+    with pytest.raises(NotFound):
+        store.update_segment(app_id, base.id, definition(wire))
+    pinned = {"SegmentGroups": {"Groups": [{"SourceSegments": [{"Id": base.id, "Version": 5}]}]}}
+    with pytest.raises(NotFound):
+        create_segment(store, app_id, pinned)
+    assert [s.id for s in store.list_segments(app_id, 10, None).items] == [base.id]
+    assert store.get_segment(app_id, base.id).version == 1
+
+
+# segments: estimates --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One endpoint of the estimate fixture, and what the store should file it under."""
+
+    id: str
+    channel: ChannelType
+    address: str
+    country_given: str | None
+    opt_out: OptOut
+    status: EndpointStatus
+    user: str | None
+    platform: str | None = None
+    make: str | None = None
+    model: str | None = None
+    app_version: str | None = None
+    attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    user_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def country(self) -> str | None:
+        """The alpha-2 country the endpoint is filed under: given, or from its number."""
+        if self.country_given is not None:
+            return {"USA": "US", "DEU": "DE", "GB": "GB"}[self.country_given]
+        if self.channel in (ChannelType.SMS, ChannelType.VOICE):
+            return "US" if self.address.startswith("+1") else "GB"
+        return None
+
+    @property
+    def eligible(self) -> bool:
+        return self.status is EndpointStatus.ACTIVE and self.opt_out is OptOut.NONE
+
+    def values(self, name: str) -> tuple[str, ...]:
+        return self.attributes.get(name, ())
+
+    def patch(self) -> EndpointPatch:
+        return EndpointPatch(
+            id=self.id,
+            channel_type=self.channel,
+            address=self.address,
+            opt_out=self.opt_out,
+            endpoint_status=self.status,
+            user_id=self.user,
+            user_attributes=self.user_attributes or None,
+            attributes=self.attributes or None,
+            metrics=self.metrics or None,
+            demographic=Demographic(
+                platform=self.platform,
+                make=self.make,
+                model=self.model,
+                app_version=self.app_version,
+            ),
+            location=Location(country=self.country_given),
+        )
+
+
+CHANNELS = (
+    ChannelType.SMS,
+    ChannelType.EMAIL,
+    ChannelType.GCM,
+    ChannelType.SMS,
+    ChannelType.APNS,
+    ChannelType.VOICE,
+)
+USER_ATTRIBUTES: dict[str, dict[str, tuple[str, ...]]] = {
+    "u0": {"Tier": ("vip",)},
+    "u1": {"Tier": ("regular",)},
+    "u2": {"Tier": ("vip", "beta")},
+    "u3": {},
+}
+SPECIAL_DATES = {
+    1: "2024-01-12",  # BETWEEN's lower bound, as a date
+    2: "2024-01-18T12:00:00Z",  # BETWEEN's upper bound
+    5: "2024-01-15T00:00:00Z",  # neither BEFORE nor AFTER 2024-01-15T00:00:00Z
+    7: "2024-01-18T22:00:00-05:00",  # the 18th locally, the 19th in UTC: not ON the 18th
+}
+
+
+def _address(i: int, channel: ChannelType) -> str:
+    if channel is ChannelType.EMAIL:
+        return f"user{i}@example.com"
+    if channel in (ChannelType.SMS, ChannelType.VOICE):
+        return f"+4474001234{i:02d}" if i % 4 == 3 else f"+1234555{i:04d}"
+    return f"token-{i}"
+
+
+def _signup(i: int) -> tuple[str, ...]:
+    if i in SPECIAL_DATES:
+        return (SPECIAL_DATES[i],)
+    if i % 10 == 9:
+        return ("n/a",)  # not a date: matches no date comparison
+    if i % 10 == 4:
+        return ()
+    # Every third one carries an offset, some of which move the UTC date back a day.
+    suffix = "+05:00" if i % 3 == 0 else "Z"
+    return (f"2024-01-{10 + i % 12:02d}T{i * 7 % 24:02d}:00:00{suffix}",)
+
+
+def _spec(i: int) -> Spec:
+    channel = CHANNELS[i % 6]
+    push = channel in (ChannelType.GCM, ChannelType.APNS)
+    user = f"u{i % 4}" if i % 3 != 2 else None
+    attributes: dict[str, tuple[str, ...]] = {}
+    plan = (("gold",), ("silver", "bronze"), ())[i // 2 % 3]
+    interests = (("Sports", "Music"), ("music",), ("Movies",), ())[i % 4]
+    for name, values in (("Plan", plan), ("Interests", interests), ("SignupDate", _signup(i))):
+        if values:
+            attributes[name] = values
+    if push:
+        attributes["DeviceType"] = ("phone",) if i % 4 == 0 else ("tablet",)
+    metrics: dict[str, float] = {}
+    if i % 8 != 7:
+        metrics["score"] = float(i * 3 % 11 * 5)
+    if i % 2 == 0:
+        metrics["visits"] = float(i)
+    return Spec(
+        id=f"ep{i:02d}",
+        channel=channel,
+        address=_address(i, channel),
+        country_given={0: "USA", 2: "DEU", 3: "GB"}.get(i % 5),
+        opt_out=OptOut.ALL if i % 4 == 1 else OptOut.NONE,
+        status=EndpointStatus.INACTIVE if i % 7 == 4 else EndpointStatus.ACTIVE,
+        user=user,
+        platform={ChannelType.GCM: "android", ChannelType.APNS: "ios"}.get(channel),
+        make={ChannelType.GCM: "Google", ChannelType.APNS: "Apple"}.get(channel),
+        model=f"M{i % 5}" if push else None,
+        app_version=f"2.{i % 4}" if push else None,
+        attributes=attributes,
+        user_attributes=USER_ATTRIBUTES[user] if user else {},
+        metrics=metrics,
+    )
+
+
+SPECS = tuple(_spec(i) for i in range(30))
+
+
+def expected(match: Callable[[Spec], bool]) -> Estimate:
+    matching = [s for s in SPECS if match(s)]
+    return Estimate(total=len(matching), eligible=sum(s.eligible for s in matching))
+
+
+@pytest.fixture
+def population(store: EndpointStore, app_id: str) -> str:
+    """The app holding every endpoint of ``SPECS``."""
+    result = write(store, app_id, *(s.patch() for s in SPECS))
+    assert result == WriteResult(applied=len(SPECS))
+    return app_id
+
+
+def instant(value: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def dates(spec: Spec, name: str = "SignupDate") -> list[datetime]:
+    return [d for d in map(instant, spec.values(name)) if d is not None]
+
+
+def at(value: str) -> datetime:
+    parsed = instant(value)
+    assert parsed is not None
+    return parsed
+
+
+def dims(**parts: Any) -> dict[str, Any]:
+    return {"Dimensions": parts}
+
+
+def attr(kind: str, *values: str) -> dict[str, Any]:
+    return {"AttributeType": kind, "Values": list(values)}
+
+
+def demo(name: str, *values: str, kind: str = "INCLUSIVE") -> dict[str, Any]:
+    return {"Demographic": {name: {"DimensionType": kind, "Values": list(values)}}}
+
+
+def metric(name: str, operator: str, value: float) -> dict[str, Any]:
+    return {"Metrics": {name: {"ComparisonOperator": operator, "Value": value}}}
+
+
+def group(*dimensions: Mapping[str, Any], kind: str = "ALL") -> dict[str, Any]:
+    return {"Dimensions": list(dimensions), "Type": kind}
+
+
+def groups(*items: Mapping[str, Any], include: str = "ALL") -> dict[str, Any]:
+    return {"SegmentGroups": {"Groups": list(items), "Include": include}}
+
+
+SMS_ONLY = demo("Channel", "SMS")
+GOLD = {"Attributes": {"Plan": attr("INCLUSIVE", "gold")}}
+IOS = demo("Platform", "ios")
+IN_US = {"Location": {"Country": {"Values": ["US"]}}}
+
+
+def is_sms(s: Spec) -> bool:
+    return s.channel is ChannelType.SMS
+
+
+def is_gold(s: Spec) -> bool:
+    return "gold" in s.values("Plan")
+
+
+def is_ios(s: Spec) -> bool:
+    return s.platform == "ios"
+
+
+def is_us(s: Spec) -> bool:
+    return s.country == "US"
+
+
+def score(s: Spec) -> float | None:
+    return s.metrics.get("score")
+
+
+ESTIMATE_CASES: dict[str, tuple[dict[str, Any], Callable[[Spec], bool]]] = {
+    "everyone": (dims(), lambda s: True),
+    "country-alpha2": (country_segment("US"), is_us),
+    "country-alpha3": (country_segment("USA"), is_us),
+    "country-mixed-codes": (country_segment("GBR", "DE"), lambda s: s.country in ("GB", "DE")),
+    "country-exclusive": (country_segment("US", kind="EXCLUSIVE"), lambda s: s.country != "US"),
+    "channel": (dims(**SMS_ONLY), is_sms),
+    "channel-several": (
+        dims(**demo("Channel", "EMAIL", "VOICE")),
+        lambda s: s.channel in (ChannelType.EMAIL, ChannelType.VOICE),
+    ),
+    "channel-exclusive": (
+        dims(**demo("Channel", "SMS", kind="EXCLUSIVE")),
+        lambda s: not is_sms(s),
+    ),
+    "platform": (dims(**demo("Platform", "android")), lambda s: s.platform == "android"),
+    "platform-exclusive": (
+        dims(**demo("Platform", "ios", kind="EXCLUSIVE")),
+        lambda s: not is_ios(s),
+    ),
+    "make": (dims(**demo("Make", "Apple")), lambda s: s.make == "Apple"),
+    "model": (dims(**demo("Model", "M1", "M2")), lambda s: s.model in ("M1", "M2")),
+    "app-version": (dims(**demo("AppVersion", "2.0")), lambda s: s.app_version == "2.0"),
+    "device-type": (
+        dims(**demo("DeviceType", "phone")),
+        lambda s: "phone" in s.values("DeviceType"),
+    ),
+    "device-type-exclusive": (
+        dims(**demo("DeviceType", "phone", kind="EXCLUSIVE")),
+        lambda s: "phone" not in s.values("DeviceType"),
+    ),
+    "attribute-inclusive": (
+        dims(Attributes={"Plan": attr("INCLUSIVE", "gold", "bronze")}),
+        lambda s: bool({"gold", "bronze"} & set(s.values("Plan"))),
+    ),
+    "attribute-exclusive": (
+        dims(Attributes={"Plan": attr("EXCLUSIVE", "gold", "bronze")}),
+        lambda s: not {"gold", "bronze"} & set(s.values("Plan")),
+    ),
+    "attribute-contains-is-case-sensitive": (
+        dims(Attributes={"Interests": attr("CONTAINS", "Mus")}),
+        lambda s: any("Mus" in v for v in s.values("Interests")),
+    ),
+    "attribute-contains-any-value": (
+        dims(Attributes={"Interests": attr("CONTAINS", "usi", "vie")}),
+        lambda s: any("usi" in v or "vie" in v for v in s.values("Interests")),
+    ),
+    "attribute-before": (
+        dims(Attributes={"SignupDate": attr("BEFORE", "2024-01-15T00:00:00Z")}),
+        lambda s: any(d < at("2024-01-15T00:00:00Z") for d in dates(s)),
+    ),
+    "attribute-after": (
+        dims(Attributes={"SignupDate": attr("AFTER", "2024-01-15T00:00:00Z")}),
+        lambda s: any(d > at("2024-01-15T00:00:00Z") for d in dates(s)),
+    ),
+    "attribute-on-compares-utc-date": (
+        dims(Attributes={"SignupDate": attr("ON", "2024-01-18")}),
+        lambda s: any(d.astimezone(UTC).date() == date(2024, 1, 18) for d in dates(s)),
+    ),
+    "attribute-between-is-inclusive": (
+        dims(Attributes={"SignupDate": attr("BETWEEN", "2024-01-12", "2024-01-18T12:00:00Z")}),
+        lambda s: any(at("2024-01-12") <= d <= at("2024-01-18T12:00:00Z") for d in dates(s)),
+    ),
+    "user-attribute": (
+        dims(UserAttributes={"Tier": attr("INCLUSIVE", "vip")}),
+        lambda s: "vip" in s.user_attributes.get("Tier", ()),
+    ),
+    "user-attribute-exclusive": (
+        dims(UserAttributes={"Tier": attr("EXCLUSIVE", "vip")}),
+        lambda s: "vip" not in s.user_attributes.get("Tier", ()),
+    ),
+    "metric-greater-than": (
+        dims(**metric("score", "GREATER_THAN", 25)),
+        lambda s: (v := score(s)) is not None and v > 25,
+    ),
+    "metric-greater-than-or-equal": (
+        dims(**metric("score", "GREATER_THAN_OR_EQUAL", 25)),
+        lambda s: (v := score(s)) is not None and v >= 25,
+    ),
+    "metric-less-than": (
+        dims(**metric("score", "LESS_THAN", 25)),
+        lambda s: (v := score(s)) is not None and v < 25,
+    ),
+    "metric-less-than-or-equal": (
+        dims(**metric("score", "LESS_THAN_OR_EQUAL", 25)),
+        lambda s: (v := score(s)) is not None and v <= 25,
+    ),
+    "metric-equal": (dims(**metric("score", "EQUAL", 25)), lambda s: score(s) == 25),
+    "all-dimensions-and": (
+        dims(**IN_US, **SMS_ONLY, **GOLD, **metric("score", "GREATER_THAN_OR_EQUAL", 10)),
+        lambda s: is_us(s) and is_sms(s) and is_gold(s) and (score(s) or 0) >= 10,
+    ),
+    "group-type-all": (
+        groups(group(SMS_ONLY, GOLD, kind="ALL")),
+        lambda s: is_sms(s) and is_gold(s),
+    ),
+    "group-type-any": (
+        groups(group(SMS_ONLY, GOLD, kind="ANY")),
+        lambda s: is_sms(s) or is_gold(s),
+    ),
+    "group-type-none": (
+        groups(group(SMS_ONLY, GOLD, kind="NONE")),
+        lambda s: not (is_sms(s) or is_gold(s)),
+    ),
+    "include-all": (
+        groups(group(SMS_ONLY), group(GOLD), include="ALL"),
+        lambda s: is_sms(s) and is_gold(s),
+    ),
+    "include-any": (
+        groups(group(SMS_ONLY), group(GOLD), include="ANY"),
+        lambda s: is_sms(s) or is_gold(s),
+    ),
+    "include-none": (
+        groups(group(SMS_ONLY), group(GOLD), include="NONE"),
+        lambda s: not (is_sms(s) or is_gold(s)),
+    ),
+    "include-any-of-mixed-groups": (
+        groups(group(IN_US, GOLD, kind="ALL"), group(IOS, SMS_ONLY, kind="ANY"), include="ANY"),
+        lambda s: (is_us(s) and is_gold(s)) or is_ios(s) or is_sms(s),
+    ),
+    # Endpoints without a country or platform match none of the dimensions below, so NONE
+    # must keep them.
+    "group-type-none-over-missing-fields": (
+        groups(group(IN_US, IOS, kind="NONE")),
+        lambda s: not (is_us(s) or is_ios(s)),
+    ),
+    "include-none-over-missing-fields": (
+        groups(group(IN_US), group(IOS), include="NONE"),
+        lambda s: not (is_us(s) or is_ios(s)),
+    ),
+}
+
+
+def test_population_is_varied() -> None:
+    # Guards the fixture itself: every estimate case must split the endpoints.
+    for name, (_wire, match) in ESTIMATE_CASES.items():
+        if name == "everyone":
+            continue
+        hits = expected(match)
+        assert 0 < hits.total < len(SPECS), name
+    assert any(not s.eligible and s.status is EndpointStatus.ACTIVE for s in SPECS)
+    assert any(s.status is EndpointStatus.INACTIVE and s.opt_out is OptOut.NONE for s in SPECS)
+
+
+@pytest.mark.parametrize("case", list(ESTIMATE_CASES))
+def test_estimate(store: EndpointStore, population: str, case: str) -> None:
+    wire, match = ESTIMATE_CASES[case]
+    segment = create_segment(store, population, wire)
+    assert store.estimate(population, segment.id) == expected(match)
+
+
+def test_estimate_eligible_excludes_inactive_and_opted_out(
+    store: EndpointStore, app_id: str
+) -> None:
+    write(
+        store,
+        app_id,
+        sms("ok", address="+12341110001"),
+        sms("out", address="+12341110002", opt_out=OptOut.ALL),
+        sms("off", address="+12341110003", endpoint_status=EndpointStatus.INACTIVE),
+        sms(
+            "both",
+            address="+12341110004",
+            opt_out=OptOut.ALL,
+            endpoint_status=EndpointStatus.INACTIVE,
+        ),
+    )
+    segment = create_segment(store, app_id, country_segment("US"))
+    assert store.estimate(app_id, segment.id) == Estimate(total=4, eligible=1)
+
+
+def test_estimate_follows_writes(store: EndpointStore, population: str) -> None:
+    segment = create_segment(store, population, dims(**GOLD))
+    before = store.estimate(population, segment.id)
+    gold = next(s for s in SPECS if is_gold(s))
+    write(store, population, EndpointPatch(id=gold.id, attributes={"Plan": ("silver",)}))
+    assert store.estimate(population, segment.id).total == before.total - 1
+
+
+def source_group(
+    *refs: Mapping[str, Any], how: str, extra: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
+    return groups(
+        {"SourceSegments": list(refs), "SourceType": how, "Dimensions": list(extra), "Type": "ALL"}
+    )
+
+
+def test_source_segments_any_is_a_union(store: EndpointStore, population: str) -> None:
+    us = create_segment(store, population, country_segment("US"))
+    sms_seg = create_segment(store, population, dims(**SMS_ONLY))
+    union = create_segment(
+        store, population, source_group({"Id": us.id}, {"Id": sms_seg.id}, how="ANY")
+    )
+    assert store.estimate(population, union.id) == expected(lambda s: is_us(s) or is_sms(s))
+
+
+def test_source_segments_all_is_an_intersection(store: EndpointStore, population: str) -> None:
+    us = create_segment(store, population, country_segment("US"))
+    sms_seg = create_segment(store, population, dims(**SMS_ONLY))
+    both = create_segment(
+        store, population, source_group({"Id": us.id}, {"Id": sms_seg.id}, how="ALL")
+    )
+    assert store.estimate(population, both.id) == expected(lambda s: is_us(s) and is_sms(s))
+
+
+def test_source_segment_and_group_dimensions_combine(store: EndpointStore, population: str) -> None:
+    us = create_segment(store, population, country_segment("US"))
+    narrowed = create_segment(
+        store, population, source_group({"Id": us.id}, how="ANY", extra=[GOLD])
+    )
+    assert store.estimate(population, narrowed.id) == expected(lambda s: is_us(s) and is_gold(s))
+
+
+def test_source_segment_version_is_respected(store: EndpointStore, population: str) -> None:
+    base = create_segment(store, population, country_segment("US"))
+    store.update_segment(population, base.id, definition(country_segment("GB")))
+    pinned = create_segment(
+        store, population, source_group({"Id": base.id, "Version": 1}, how="ANY")
+    )
+    latest = create_segment(store, population, source_group({"Id": base.id}, how="ANY"))
+    assert store.estimate(population, pinned.id) == expected(is_us)
+    assert store.estimate(population, latest.id) == expected(lambda s: s.country == "GB")
+
+
+def test_nested_source_segments(store: EndpointStore, population: str) -> None:
+    us = create_segment(store, population, country_segment("US"))
+    us_gold = create_segment(
+        store, population, source_group({"Id": us.id}, how="ANY", extra=[GOLD])
+    )
+    outer = create_segment(
+        store, population, source_group({"Id": us_gold.id}, how="ANY", extra=[SMS_ONLY])
+    )
+    assert store.estimate(population, outer.id) == expected(
+        lambda s: is_us(s) and is_gold(s) and is_sms(s)
+    )
+
+
+# the AWS sample flow --------------------------------------------------------------------------
+
+
+def test_aws_sample_flow(store: EndpointStore, app_id: str) -> None:
+    users = [f"user{n}" for n in range(1, 10)]
+    write(
+        store,
+        app_id,
+        *(
+            sms(user, address=f"+1234111111{n}", user_id=user, opt_out=OptOut.NONE)
+            for n, user in enumerate(users, start=1)
+        ),
+    )
+    segment = create_segment(store, app_id, country_segment("US"), name="US")
+    assert store.estimate(app_id, segment.id) == Estimate(total=9, eligible=9)
+
+    write(store, app_id, *(EndpointPatch(id=u, opt_out=OptOut.ALL) for u in users[:4]))
+    assert store.estimate(app_id, segment.id) == Estimate(total=9, eligible=5)
+
+    write(store, app_id, EndpointPatch(id="user5", opt_out=OptOut.ALL))
+    assert store.estimate(app_id, segment.id) == Estimate(total=9, eligible=4)

@@ -1,0 +1,41 @@
+"""``optsync serve`` refuses unsafe settings before it listens."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pinpoint_e2e import clean_env, free_port, optsync_command
+
+pytestmark = pytest.mark.e2e
+
+
+def test_insecure_no_auth_on_a_public_address_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *optsync_command(),
+            "serve",
+            "--insecure-no-auth",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(free_port()),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=clean_env(),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    error_lines = result.stderr.strip().splitlines()
+    assert len(error_lines) == 1, result.stderr
+    assert error_lines[0].startswith("Error: ")
+    assert "--insecure-no-auth" in error_lines[0]
+    assert "0.0.0.0" in error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert "Uvicorn running" not in result.stdout + result.stderr

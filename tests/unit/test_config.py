@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from optsync.config import load_or_create_credentials, load_settings
+from optsync.engine.phone import PhonePolicy
+from optsync.errors import ConfigError
+
+
+def test_defaults() -> None:
+    settings = load_settings(None, env={})
+    assert settings.api.host == "127.0.0.1"
+    assert settings.api.port == 8080
+    assert settings.data_dir == Path("optsync-data")
+    assert settings.engine.country.enabled
+    assert settings.engine.country.policy is PhonePolicy.POSSIBLE
+
+
+def test_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(
+        'data_dir = "d"\n[api]\nlisten = "0.0.0.0:9000"\n'
+        '[engine]\nphone_policy = "valid"\nderive_country = false\n'
+    )
+    settings = load_settings(path, env={"OPTSYNC_API_CREDENTIALS": "K1:s1, K2:s2"})
+    assert settings.data_dir == Path("d")
+    assert (settings.api.host, settings.api.port) == ("0.0.0.0", 9000)
+    assert dict(settings.api.credentials) == {"K1": "s1", "K2": "s2"}
+    assert settings.engine.country.policy is PhonePolicy.VALID
+    assert not settings.engine.country.enabled
+    overridden = load_settings(path, env={"OPTSYNC_API_LISTEN": "127.0.0.1:7000"})
+    assert overridden.api.port == 7000
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[api]\nlisten = "nonsense"', "[api] listen"),
+        ('[engine]\nphone_policy = "strict"', "[engine] phone_policy"),
+        ("[engine]\nderive_country = 1", "[engine] derive_country"),
+        ('[engine]\nstore = "oracle://x"', "[engine] store"),
+        ("data_dir = [", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert fragment in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_credentials_created_once(tmp_path: Path) -> None:
+    first, created = load_or_create_credentials(tmp_path)
+    again, created_again = load_or_create_credentials(tmp_path)
+    assert created and not created_again
+    assert first == again and len(first) == 1
+    assert (tmp_path / "credentials").stat().st_mode & 0o777 == 0o600
