@@ -28,6 +28,7 @@ typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict src
 
 test: lint typecheck
+	bash scripts/ensure-test-tools.sh
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-dev

@@ -571,7 +571,7 @@ def bench_writes(sizes: Sizes, work: Path, report: Report, profile: bool) -> Non
             rows.append(
                 [
                     config,
-                    fmt(s["endpoints_per_s_median"]),
+                    fmt(s["endpoints_per_s_median"], "endpoints/s").split()[0],
                     fmt(s["call_ms_p50"]),
                     fmt(s["call_ms_p99"]),
                     fmt(s["call_ms_first_tenth_p50"]),
@@ -1068,8 +1068,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     report.details["seconds"] = time.perf_counter() - started
+    report.machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     summary(report)
-    say(f"\nTotal {report.details['seconds']:.0f} s.")
+    say(
+        f"\nTotal {report.details['seconds']:.0f} s; load average at start "
+        f"{m['load_average_at_start']}, at end {m['load_average_at_end']} (2 cores: above ~1 "
+        "means other work competed with this run)"
+    )
     if args.json:
         out = asdict(report)
         out["figures"] = [{**asdict(f), "ratio": f.ratio} for f in report.figures]

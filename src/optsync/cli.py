@@ -45,7 +45,7 @@ from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError
 from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app
-from optsync.status import read_status
+from optsync.status import read_status, to_prometheus
 from optsync.stream.embedded import EmbeddedStream
 
 __all__ = ("main",)
@@ -103,8 +103,14 @@ def _serve(
     pipeline: Pipeline | None = None,
 ) -> None:
     """Run the API until Ctrl-C or until the pipeline fails."""
+    metrics = None
+    if pipeline is not None:
+
+        def metrics() -> str:
+            return to_prometheus(read_status(settings, store))
+
     config = uvicorn.Config(
-        PinpointApi(store, verifier),
+        PinpointApi(store, verifier, metrics),
         host=settings.api.host,
         port=settings.api.port,
         access_log=False,

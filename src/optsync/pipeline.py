@@ -11,7 +11,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 from optsync.apply.dlq import DeadLetterQueue
@@ -22,7 +21,7 @@ from optsync.capture.sqlite import SQLiteSource
 from optsync.config import Settings
 from optsync.engine.models import App
 from optsync.engine.store import EndpointStore
-from optsync.errors import ConfigError
+from optsync.errors import ConfigError, Retryable
 from optsync.events import ChangeEvent
 from optsync.stream.base import ChangeStream, Checkpoint
 from optsync.stream.embedded import EmbeddedStream
@@ -112,6 +111,16 @@ class Pipeline:
             self._stop.set()
 
     def _capture(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._capture_from_checkpoint()
+                return
+            except Retryable as exc:  # busy or locked: start again from the saved checkpoint
+                logger.warning("capture retry reason=%s", exc)
+                self.source.close()
+                self._stop.wait(RETRY_SECONDS)
+
+    def _capture_from_checkpoint(self) -> None:
         saved = self.stream.checkpoint(self.source.name)
         last = saved.state if saved else None
         self.source.open(last)
@@ -129,6 +138,6 @@ class Pipeline:
         while not self._stop.is_set():
             try:
                 self.worker.step(BATCH_SIZE, wait=0.1)
-            except sqlite3.OperationalError as exc:  # locked or busy: try again
+            except (Retryable, sqlite3.OperationalError) as exc:  # locked or busy: try again
                 logger.warning("apply retry reason=%s", exc)
-                time.sleep(RETRY_SECONDS)
+                self._stop.wait(RETRY_SECONDS)

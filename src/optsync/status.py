@@ -11,7 +11,7 @@ from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.stream.embedded import EmbeddedStream
 
-__all__ = ("SegmentCount", "Status", "read_status")
+__all__ = ("SegmentCount", "Status", "read_status", "to_prometheus")
 
 APPLY_CONSUMER = "apply"
 
@@ -75,3 +75,34 @@ def read_status(settings: Settings, store: EndpointStore) -> Status:
     finally:
         stream.close()
         dlq.close()
+
+
+def to_prometheus(status: Status) -> str:
+    """The status in Prometheus' text exposition format (counts only, no personal data)."""
+    lines = [
+        "# HELP optsync_stream_head Offset of the newest record in the stream.",
+        "# TYPE optsync_stream_head gauge",
+        f"optsync_stream_head {status.stream_head}",
+        "# HELP optsync_apply_offset Offset apply has acknowledged.",
+        "# TYPE optsync_apply_offset gauge",
+        f"optsync_apply_offset {status.apply_offset}",
+        "# HELP optsync_apply_lag_events Records in the stream apply has not acknowledged.",
+        "# TYPE optsync_apply_lag_events gauge",
+        f"optsync_apply_lag_events {status.lag_events}",
+        "# HELP optsync_apply_lag_seconds Age of the oldest record apply has not acknowledged.",
+        "# TYPE optsync_apply_lag_seconds gauge",
+        f"optsync_apply_lag_seconds {status.lag_seconds:.6f}",
+        "# HELP optsync_dlq_entries Dead letters not replayed yet.",
+        "# TYPE optsync_dlq_entries gauge",
+        f"optsync_dlq_entries {status.dlq_size}",
+        "# HELP optsync_endpoints Endpoints in the app the pipeline writes into.",
+        "# TYPE optsync_endpoints gauge",
+        f"optsync_endpoints {status.endpoints}",
+        "# HELP optsync_segment_endpoints Endpoints matching a segment (total or eligible).",
+        "# TYPE optsync_segment_endpoints gauge",
+    ]
+    for s in status.segments:
+        name = s.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+        lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="total"}} {s.total}')
+        lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="eligible"}} {s.eligible}')
+    return "\n".join(lines) + "\n"

@@ -274,6 +274,53 @@ def test_raw_records_come_back_byte_identical(stream: ChangeStream) -> None:
     assert all(type(r.data) is bytes for r in records)
 
 
+def test_empty_append_changes_nothing(stream: ChangeStream) -> None:
+    stream.append([change(1, 1)])
+    assert stream.append([]) == 1
+    assert stream.append_raw([]) == 1
+    assert stream.stats().head == 1
+
+
+def test_concurrent_appends_get_distinct_offsets(stream: ChangeStream) -> None:
+    def append_many(key: int) -> None:
+        for position in range(1, 26):
+            stream.append([change(key, position)], Checkpoint(f"source{key}", str(position)))
+
+    threads = [threading.Thread(target=append_many, args=(key,)) for key in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    records = stream.read("apply", 1000)
+    assert [r.offset for r in records] == list(range(1, 101))
+    for key in range(4):  # each writer's events in its own order
+        mine = [dms.decode(r.data) for r in records if r.partition_key == f"app.users.{key}"]
+        assert [e.position for e in mine] == [position_of(p) for p in range(1, 26)]
+        assert stream.checkpoint(f"source{key}") == Checkpoint(f"source{key}", "25")
+
+
+def test_close_wakes_a_waiting_reader(stream: ChangeStream) -> None:
+    stream.read("apply", 1)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            stream.read("apply", 10, wait=WAIT)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    stream.close()
+    thread.join(WAIT + 1)
+    assert time.monotonic() - started < WAIT / 2
+    assert len(errors) == 1
+    assert "closed" in str(errors[0])
+
+
 def test_closed_stream_refuses_calls(stream: ChangeStream) -> None:
     stream.close()
     stream.close()  # twice is fine
@@ -328,6 +375,29 @@ def test_embedded_reader_on_another_connection_wakes_up(
     assert [r.offset for r in records] == [1]
     assert took < WAIT / 2
     assert reader.checkpoint("mysql") == Checkpoint("mysql", "pos-1")
+
+
+def test_embedded_writers_on_two_connections_take_turns(
+    open_embedded: Callable[[], EmbeddedStream],
+) -> None:
+    first, second = open_embedded(), open_embedded()
+
+    def append_many(stream: EmbeddedStream, key: int) -> None:
+        for position in range(1, 51):
+            stream.append([change(key, position)])
+            stream.ack(f"consumer{key}", position)  # acks are writes too
+
+    threads = [
+        threading.Thread(target=append_many, args=(stream, key))
+        for key, stream in enumerate((first, second))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    stats = first.stats()
+    assert stats.head == 100
+    assert stats.consumers == {"consumer0": 50, "consumer1": 50}
 
 
 def test_embedded_reader_ignores_commits_that_bring_no_record(

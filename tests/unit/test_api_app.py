@@ -110,3 +110,12 @@ def test_healthz_needs_no_signature(store: SQLiteStore) -> None:
     response = call(app, "GET", "/healthz")
     assert response.status_code == 200
     assert response.text == "ok\n"
+
+
+def test_metrics_route_needs_no_signature_and_serves_text(store: SQLiteStore) -> None:
+    app = PinpointApi(store, SignatureVerifier({"KEY1": "s3cret"}), lambda: "optsync_up 1\n")
+    response = call(app, "GET", "/metrics")
+    assert response.status_code == 200
+    assert response.text == "optsync_up 1\n"
+    without = call(PinpointApi(store, None), "GET", "/metrics")
+    assert without.status_code == 404

@@ -1,7 +1,8 @@
 """The ASGI application: authentication, routing, Pinpoint wire format, access log.
 
 Every ``/v1`` request must carry a valid SigV4 signature (service ``mobiletargeting``) unless the
-server was started with ``--insecure-no-auth``. Responses are Pinpoint's bare payloads with the
+server was started with ``--insecure-no-auth``. ``/healthz`` and ``/metrics`` (Prometheus text,
+counts only) need no signature. Responses are Pinpoint's bare payloads with the
 modelled status code and an ``x-amzn-RequestId`` header; errors use Pinpoint's error shapes.
 """
 
@@ -11,12 +12,13 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optsync.api import apps, endpoints, phone, segments
 from optsync.api.errors import ApiError, error_response, from_engine_error
@@ -37,11 +39,21 @@ class PinpointApi:
     """ASGI app serving the Pinpoint REST dialect over an ``EndpointStore``.
 
     ``verifier=None`` turns authentication off (only for loopback development servers).
+    ``mounts`` maps a path prefix (``/console``, ``/prefs``) to an ASGI app that gets every
+    request under it, with the prefix added to ``root_path``; other paths are the API's.
     """
 
-    def __init__(self, store: EndpointStore, verifier: SignatureVerifier | None) -> None:
+    def __init__(
+        self,
+        store: EndpointStore,
+        verifier: SignatureVerifier | None,
+        metrics: Callable[[], str] | None = None,
+        mounts: Mapping[str, ASGIApp] | None = None,
+    ) -> None:
         self.store = store
         self.verifier = verifier
+        self.metrics = metrics
+        self.mounts = {prefix.rstrip("/"): app for prefix, app in (mounts or {}).items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -49,6 +61,12 @@ class PinpointApi:
             return
         if scope["type"] != "http":
             return
+        path: str = scope["path"]
+        for prefix, app in self.mounts.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                root_path = scope.get("root_path", "") + prefix
+                await app({**scope, "root_path": root_path}, receive, send)
+                return
         request = Request(scope, receive)
         response = await self.handle(request)
         await response(scope, receive, send)
@@ -62,6 +80,9 @@ class PinpointApi:
         try:
             if raw_path == "/healthz":
                 return Response("ok\n", media_type="text/plain")
+            if raw_path == "/metrics" and self.metrics is not None:
+                text = await run_in_threadpool(self.metrics)
+                return Response(text, media_type="text/plain; version=0.0.4")
             route, params = ROUTER.match(request.method, raw_path)
             template = route.template
             body = await _read_body(request)

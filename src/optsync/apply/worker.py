@@ -37,6 +37,8 @@ class ApplyStats:
     records: int = 0
     applied: int = 0
     stale: int = 0
+    missing: int = 0
+    """Deletes of endpoints that did not exist (success: the end state is the same)."""
     dead: int = 0
     control: int = 0
     last_position: str | None = None
@@ -149,6 +151,7 @@ class ApplyWorker:
             result = self.store.write_endpoints(self.app_id, writes, cause)
             self.stats.applied += result.applied
             self.stats.stale += result.stale
+            self.stats.missing += result.missing
             return dead
         except InvalidRequest:
             pass  # find the record(s) the engine refuses; apply the others
@@ -162,6 +165,7 @@ class ApplyWorker:
                 continue
             self.stats.applied += result.applied
             self.stats.stale += result.stale
+            self.stats.missing += result.missing
         return dead
 
     def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:

@@ -34,6 +34,8 @@ def create_sample_database(path: str | Path) -> bool:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
+        # WAL from the start, so the application's writes and capture never block each other.
+        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("BEGIN IMMEDIATE")
         try:
             exists = conn.execute(

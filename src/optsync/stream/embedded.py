@@ -94,13 +94,17 @@ class EmbeddedStream(ChangeStream):
         """Bumped (under ``_changed``) by every append or seek of this object."""
         self._registered: set[str] = set()
         with self._sqlite_errors("open"):
-            self._writer = self._connect(busy_timeout=0)  # _begin retries at a finer grain
+            self._writer = self._connect()
             self._writer.executescript(SCHEMA)
+            # From now on _begin retries a busy write lock itself, at a finer grain than SQLite.
+            self._writer.execute("PRAGMA busy_timeout = 0")
         logger.debug("stream opened path=%s", self.path)
 
     def append(self, events: Sequence[ChangeEvent], checkpoint: Checkpoint | None = None) -> int:
         """Store the events not stored yet and the checkpoint in one durable transaction."""
         rows = [(e.partition_key, f"{e.partition_key}@{e.position}", encode(e)) for e in events]
+        if not rows and checkpoint is None:
+            return self.stats().head  # nothing to store: no transaction, no fsync
         with self._sqlite_errors("append"), self._transaction() as conn:
             now = time.time()
             conn.executemany(INSERT_EVENT, [(*row, now) for row in rows])
@@ -214,7 +218,7 @@ class EmbeddedStream(ChangeStream):
 
     def close(self) -> None:
         """Close every thread's connection and wake waiting readers (which then raise)."""
-        with self._guard:
+        with self._write_lock, self._guard:  # the write lock: a running append finishes first
             if self._closed:
                 return
             self._closed = True
@@ -225,11 +229,11 @@ class EmbeddedStream(ChangeStream):
             self._changed.notify_all()
         logger.debug("stream closed path=%s", self.path)
 
-    def _connect(self, busy_timeout: float) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         with self._guard:
             self._check_open()
             conn = sqlite3.connect(
-                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
             self._connections.append(conn)
         conn.execute("PRAGMA journal_mode = WAL")
@@ -240,7 +244,7 @@ class EmbeddedStream(ChangeStream):
         """This thread's reading connection, opened on first use."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect(busy_timeout=BUSY_TIMEOUT)
+            conn = self._local.conn = self._connect()
         else:
             self._check_open()
         return conn
@@ -299,7 +303,12 @@ class EmbeddedStream(ChangeStream):
 
 
 def _begin(conn: sqlite3.Connection) -> None:
-    """``BEGIN IMMEDIATE``, retried every 0.1-2 ms while another connection is writing."""
+    """``BEGIN IMMEDIATE``, retried every 0.1-2 ms while another connection is writing.
+
+    Only another object or process can hold the lock here (this object's writers queue on
+    ``_write_lock``). Polling is not fair: under a writer that never pauses, a second process's
+    ack can wait tens of ms (bench/stream.py, writer process).
+    """
     deadline = time.monotonic() + BUSY_TIMEOUT
     pause = 0.0001
     while True:

@@ -119,7 +119,7 @@ class MemoryStream(ChangeStream):
             return StreamStats(head=self._head, oldest=oldest, consumers=dict(self._consumers))
 
     def close(self) -> None:
-        """Forget everything and wake waiting readers (which then raise)."""
+        """Refuse further calls and wake waiting readers (which then raise)."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
