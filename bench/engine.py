@@ -64,7 +64,7 @@ from optsync.engine.models import (
     Location,
     OptOut,
 )
-from optsync.engine.segments import compile_filter, definition_from_wire
+from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
 from optsync.engine.store import Segment
 
@@ -709,18 +709,9 @@ def plan_text(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list
 def estimate_statements(
     store: SQLiteStore, app_id: str, segment: Segment
 ) -> list[tuple[str, str, list[Any]]]:
-    """The two COUNT statements ``SqlStore.estimate`` runs, built the same way."""
-    where, params = compile_filter(
-        segment.definition,
-        app_id=app_id,
-        resolve=lambda sid, version: store.get_segment(app_id, sid, version).definition,
-        dialect=store.dialect,
-    )
-    base = f"SELECT COUNT(*) FROM endpoints e WHERE e.app_id = ? AND ({where})"
-    return [
-        ("total", base, [app_id, *params]),
-        ("eligible", f"{base} AND e.status = 'ACTIVE' AND e.opt_out = 'NONE'", [app_id, *params]),
-    ]
+    """The statement ``SqlStore.estimate`` runs (total and eligible in one)."""
+    sql, params = store.estimate_sql(app_id, segment.id)
+    return [("total+eligible", sql, params)]
 
 
 def address_update_plan(conn: sqlite3.Connection) -> str:

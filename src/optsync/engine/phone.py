@@ -35,6 +35,7 @@ Known divergences from Pinpoint:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -185,18 +186,18 @@ def normalize(
     number = _parse(address, region)
     if number is None:
         return None
-    valid = phonenumbers.is_valid_number(number)
+    # What is_valid_number does, without working out the region a second time afterwards.
+    region_code = phonenumbers.region_code_for_number(number)
+    valid = region_code is not None and phonenumbers.is_valid_number_for_region(number, region_code)
     if policy == PhonePolicy.VALID and not valid:
         return None
     if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
         return None
-    if valid:
-        country = _region(phonenumbers.region_code_for_number(number))
-    else:
-        country = _calling_code_region(number)
+    country = _region(region_code) if valid else _calling_code_region(number)
     return NormalizedPhone(_e164(number), country)
 
 
+@functools.lru_cache(maxsize=65_536)
 def country_for_address(address: str, policy: PhonePolicy = PhonePolicy.POSSIBLE) -> str | None:
     """Return the alpha-2 country of a phone address, or None if unknown or rejected."""
     normalized = normalize(address, policy)

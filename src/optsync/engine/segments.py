@@ -46,7 +46,9 @@ __all__ = (
     "SegmentGroupList",
     "SetDimension",
     "SourceSegment",
+    "CompiledFilter",
     "compile_filter",
+    "compile_segment",
     "definition_from_wire",
     "definition_to_wire",
     "iso_instant_ms",
@@ -454,6 +456,10 @@ class _Sql:
     dialect: Dialect
     resolve: SourceResolver
     params: list[Any] = field(default_factory=list)
+    columns: set[str] = field(default_factory=set)
+    """Columns of ``endpoints`` the filter reads."""
+    side_tables: bool = False
+    """The filter reads endpoint_attributes or endpoint_metrics."""
 
     def bind(self, *values: Any) -> str:
         self.params.extend(values)
@@ -461,12 +467,14 @@ class _Sql:
 
     def set_filter(self, column: str, dim: SetDimension, values: Sequence[str]) -> str:
         marks = self.bind(*values)
+        self.columns.add(column.removeprefix("e."))
         if dim.dimension_type is DimensionType.INCLUSIVE:
             # IS NOT NULL keeps the result two-valued, so NOT (...) in a NONE group is exact.
             return f"({column} IS NOT NULL AND {column} IN ({marks}))"
         return f"({column} IS NULL OR {column} NOT IN ({marks}))"
 
     def attribute_filter(self, kind: str, name: str, dim: AttributeDimension) -> str:
+        self.side_tables = True
         head = (
             "e.pk IN (SELECT a.endpoint_pk FROM endpoint_attributes a WHERE a.app_id = "
             f"{self.bind(self.app_id)} AND a.kind = {self.bind(kind)} AND a.name = "
@@ -521,6 +529,7 @@ class _Sql:
         for name, adim in d.user_attributes.items():
             parts.append(self.attribute_filter("U", name, adim))
         for name, mdim in d.metrics.items():
+            self.side_tables = True
             parts.append(
                 "e.pk IN (SELECT m.endpoint_pk FROM endpoint_metrics m WHERE m.app_id = "
                 f"{self.bind(self.app_id)} AND m.name = {self.bind(name)} AND m.value "
@@ -570,6 +579,35 @@ def combine(parts: Sequence[str], how: Combine) -> str:
     return "NOT (" + " OR ".join(joined) + ")"
 
 
+@dataclass(frozen=True)
+class CompiledFilter:
+    """A segment as one SQL boolean expression over ``endpoints e``, with what it reads."""
+
+    sql: str
+    params: list[Any]
+    columns: frozenset[str]
+    """Columns of ``endpoints`` the expression reads."""
+    side_tables: bool
+    """True when it reads endpoint_attributes or endpoint_metrics."""
+
+    def reads_only(self, columns: frozenset[str]) -> bool:
+        """The expression can run on any table that has these columns (e.g. a rollup)."""
+        return not self.side_tables and self.columns <= columns
+
+
+def compile_segment(
+    definition: SegmentDefinition,
+    *,
+    app_id: str,
+    resolve: SourceResolver,
+    dialect: Dialect | None = None,
+) -> CompiledFilter:
+    """Translate a segment definition (and its source segments) to SQL."""
+    sql = _Sql(app_id=app_id, dialect=dialect or Dialect(), resolve=resolve)
+    text = sql.definition(definition, 0)
+    return CompiledFilter(text, sql.params, frozenset(sql.columns), sql.side_tables)
+
+
 def compile_filter(
     definition: SegmentDefinition,
     *,
@@ -578,5 +616,5 @@ def compile_filter(
     dialect: Dialect | None = None,
 ) -> tuple[str, list[Any]]:
     """One SQL boolean expression over ``endpoints e`` with its ``?`` parameters."""
-    sql = _Sql(app_id=app_id, dialect=dialect or Dialect(), resolve=resolve)
-    return sql.definition(definition, 0), sql.params
+    compiled = compile_segment(definition, app_id=app_id, resolve=resolve, dialect=dialect)
+    return compiled.sql, compiled.params

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import uuid
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from optsync.engine.segments import (
     Dialect,
     SegmentDefinition,
     compile_filter,
+    compile_segment,
     definition_from_wire,
     definition_to_wire,
     iso_instant_ms,
@@ -175,6 +177,38 @@ def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
     )
 
 
+_ROLLUP_COLUMNS = frozenset({"country_code", "channel_type"})
+_CHUNK = 500
+
+
+def _bucket(e: Endpoint) -> tuple[str, str, str, str]:
+    """The rollup row an endpoint counts in: (country, channel, status, opt-out)."""
+    country = to_alpha2(e.location.country) if e.location.country else None
+    return (country or "", e.channel_type.value, e.endpoint_status.value, e.opt_out.value)
+
+
+def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+@dataclass
+class _Batch:
+    """One write transaction: rows read once up front, side rows and history written at the end."""
+
+    app_id: str
+    now: str
+    rows: dict[str, tuple[int, Endpoint] | None] = field(default_factory=dict)
+    """id_key -> (pk, endpoint) as the batch has left it; None: no endpoint."""
+    tombs: dict[str, str] = field(default_factory=dict)
+    names: set[tuple[str, str]] | None = None
+    side: dict[int, Endpoint] = field(default_factory=dict)
+    """pk -> endpoint whose attribute and metric rows are written at the end."""
+    clear: set[int] = field(default_factory=set)
+    """pks whose old attribute and metric rows are removed at the end."""
+    history: list[tuple[Any, ...]] = field(default_factory=list)
+    counts: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+
+
 def _offset(token: str | None) -> int:
     if not token:
         return 0
@@ -190,6 +224,7 @@ class SqlStore(EndpointStore):
 
     def __init__(self, settings: StoreSettings | None = None) -> None:
         self.settings = settings or StoreSettings()
+        self._written = 0
 
     # hooks ------------------------------------------------------------------------------------
     @abstractmethod
@@ -286,6 +321,7 @@ class SqlStore(EndpointStore):
                 "segments",
                 "channels",
                 "attribute_names",
+                "endpoint_counts",
             ):
                 self._exec(cur, f"DELETE FROM {table} WHERE app_id = ?", (app_id,))
             self._exec(cur, "DELETE FROM apps WHERE id = ?", (app_id,))
@@ -397,94 +433,93 @@ class SqlStore(EndpointStore):
         ).fetchone()
         return (int(row[0]), _row_to_endpoint(row[1:])) if row else None
 
-    def _tombstone(self, cur: Cursor, app_id: str, key: str) -> str | None:
-        row = self._exec(
-            cur, "SELECT position FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key)
-        ).fetchone()
-        return str(row[0]) if row else None
+    def _begin_batch(
+        self, cur: Cursor, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete]
+    ) -> _Batch:
+        """Read every endpoint and tombstone the writes touch, in a few statements."""
+        batch = _Batch(app_id=app_id, now=iso_now())
+        keys = sorted({endpoint_key(w.id) for w in writes})
+        positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
+        for chunk in _chunks(keys):
+            marks = ", ".join("?" for _ in chunk)
+            for row in self._exec(
+                cur,
+                f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND "
+                f"id_key IN ({marks})",
+                (app_id, *chunk),
+            ).fetchall():
+                batch.rows[row[3]] = (int(row[0]), _row_to_endpoint(row[1:]))
+        for key in keys:
+            batch.rows.setdefault(key, None)
+        for chunk in _chunks(positioned):
+            marks = ", ".join("?" for _ in chunk)
+            for key, position in self._exec(
+                cur,
+                f"SELECT id_key, position FROM tombstones WHERE app_id = ? AND id_key IN ({marks})",
+                (app_id, *chunk),
+            ).fetchall():
+                batch.tombs[key] = position
+        return batch
+
+    def _current(self, cur: Cursor, batch: _Batch, key: str) -> tuple[int, Endpoint] | None:
+        if key not in batch.rows:  # changed behind the cache by a statement of this batch
+            batch.rows[key] = self._load(cur, batch.app_id, key)
+        return batch.rows[key]
 
     def _record(
         self,
-        cur: Cursor,
-        app_id: str,
+        batch: _Batch,
         endpoint: Endpoint,
         before: OptOut | None,
         after: OptOut | None,
         cause: Cause,
-        now: str,
     ) -> None:
-        self._exec(
-            cur,
-            "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, opt_out_before, "
-            "opt_out_after, address, cause_kind, cause_ref) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        batch.history.append(
             (
-                app_id,
+                batch.app_id,
                 endpoint_key(endpoint.id),
                 endpoint.id,
-                now,
+                batch.now,
                 before.value if before else None,
                 after.value if after else None,
                 endpoint.address,
                 cause.kind.value,
                 cause.ref,
-            ),
+            )
         )
 
-    def _check_attribute_names(self, cur: Cursor, app_id: str, endpoint: Endpoint) -> None:
+    def _check_attribute_names(self, cur: Cursor, batch: _Batch, endpoint: Endpoint) -> None:
         names = {("A", n) for n in endpoint.attributes}
         names |= {("U", n) for n in endpoint.user_attributes}
         names |= {("M", n) for n in endpoint.metrics}
         if not names:
             return
-        known = {
-            (k, n)
-            for k, n in self._exec(
-                cur, "SELECT kind, name FROM attribute_names WHERE app_id = ?", (app_id,)
-            ).fetchall()
-        }
-        new = names - known
+        if batch.names is None:
+            batch.names = {
+                (k, n)
+                for k, n in self._exec(
+                    cur, "SELECT kind, name FROM attribute_names WHERE app_id = ?", (batch.app_id,)
+                ).fetchall()
+            }
+        new = names - batch.names
         if not new:
             return
-        if len(known) + len(new) > MAX_ATTRIBUTE_NAMES_PER_APP:
+        if len(batch.names) + len(new) > MAX_ATTRIBUTE_NAMES_PER_APP:
             raise LimitExceeded(
                 f"Too many custom attributes: an app holds at most {MAX_ATTRIBUTE_NAMES_PER_APP} "
                 "distinct Attributes, UserAttributes and Metrics names together"
             )
         cur.executemany(
             self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
-            [(app_id, k, n) for k, n in sorted(new)],
+            [(batch.app_id, k, n) for k, n in sorted(new)],
         )
+        batch.names |= new
 
-    def _store_side_rows(self, cur: Cursor, pk: int, endpoint: Endpoint) -> None:
-        app_id = endpoint.app_id
-        self._exec(cur, "DELETE FROM endpoint_attributes WHERE endpoint_pk = ?", (pk,))
-        self._exec(cur, "DELETE FROM endpoint_metrics WHERE endpoint_pk = ?", (pk,))
-        rows = [
-            (pk, app_id, kind, name, value, iso_instant_ms(value))
-            for kind, values in (("A", endpoint.attributes), ("U", endpoint.user_attributes))
-            for name, items in values.items()
-            for value in items
-        ]
-        if rows:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, "
-                    "value_ts) VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                rows,
-            )
-        if endpoint.metrics:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO endpoint_metrics (endpoint_pk, app_id, name, value) "
-                    "VALUES (?, ?, ?, ?)"
-                ),
-                [(pk, app_id, n, v) for n, v in endpoint.metrics.items()],
-            )
-
-    def _save(self, cur: Cursor, pk: int | None, endpoint: Endpoint) -> int:
+    def _save(
+        self, cur: Cursor, batch: _Batch, loaded: tuple[int, Endpoint] | None, endpoint: Endpoint
+    ) -> int:
         values = _endpoint_values(endpoint)
-        if pk is None:
+        if loaded is None:
             marks = ", ".join("?" for _ in values)
             row = self._exec(
                 cur,
@@ -493,16 +528,33 @@ class SqlStore(EndpointStore):
             ).fetchone()
             pk = int(row[0])
         else:
+            pk, existing = loaded
             assignments = ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
             self._exec(cur, f"UPDATE endpoints SET {assignments} WHERE pk = ?", (*values, pk))
-        self._store_side_rows(cur, pk, endpoint)
+            batch.clear.add(pk)
+            batch.counts[_bucket(existing)] -= 1
+        batch.counts[_bucket(endpoint)] += 1
+        batch.side[pk] = endpoint
         return pk
 
-    def _make_room_for_user(self, cur: Cursor, endpoint: Endpoint, key: str) -> None:
+    def _deactivate(self, cur: Cursor, batch: _Batch, where: str, params: Sequence[Any]) -> None:
+        """Set matching ACTIVE endpoints INACTIVE, keeping the rollup and the cache right."""
+        rows = self._exec(
+            cur,
+            f"UPDATE endpoints SET status = 'INACTIVE' WHERE app_id = ? AND status = 'ACTIVE' "
+            f"AND {where} RETURNING id_key, country_code, channel_type, opt_out",
+            (batch.app_id, *params),
+        ).fetchall()
+        for key, country, channel, opt_out in rows:
+            batch.counts[(country or "", channel, "ACTIVE", opt_out)] -= 1
+            batch.counts[(country or "", channel, "INACTIVE", opt_out)] += 1
+            batch.rows.pop(key, None)
+
+    def _make_room_for_user(self, cur: Cursor, batch: _Batch, endpoint: Endpoint, key: str) -> None:
         """Enforce 15 endpoints per UserId; push channels retire their oldest endpoint."""
         rows = self._exec(
             cur,
-            "SELECT pk, channel_type, effective_date FROM endpoints WHERE app_id = ? AND "
+            "SELECT pk, channel_type, effective_date, id_key FROM endpoints WHERE app_id = ? AND "
             "user_id = ? AND id_key <> ?",
             (endpoint.app_id, endpoint.user_id, key),
         ).fetchall()
@@ -512,11 +564,9 @@ class SqlStore(EndpointStore):
             push = [r for r in rows if ChannelType(r[1]) in PUSH_TOKEN_CHANNELS]
             if push:
                 oldest = min(push, key=lambda r: (r[2] or "", r[0]))
-                self._exec(
-                    cur,
-                    "UPDATE endpoints SET status = 'INACTIVE', user_id = NULL WHERE pk = ?",
-                    (oldest[0],),
-                )
+                self._deactivate(cur, batch, "pk = ?", (oldest[0],))
+                self._exec(cur, "UPDATE endpoints SET user_id = NULL WHERE pk = ?", (oldest[0],))
+                batch.rows.pop(oldest[3], None)
                 return
         raise LimitExceeded(
             f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
@@ -536,7 +586,9 @@ class SqlStore(EndpointStore):
         merged = {**_lists(row[0]), **endpoint.user_attributes}
         return dataclasses.replace(endpoint, user_attributes=merged)
 
-    def _sync_user_attributes(self, cur: Cursor, endpoint: Endpoint, patch: EndpointPatch) -> None:
+    def _sync_user_attributes(
+        self, cur: Cursor, batch: _Batch, endpoint: Endpoint, patch: EndpointPatch
+    ) -> None:
         """Pinpoint keeps UserAttributes the same on every endpoint of one UserId."""
         rows = self._exec(
             cur,
@@ -548,26 +600,23 @@ class SqlStore(EndpointStore):
             other = _row_to_endpoint(row[1:])
             merged = {**other.user_attributes, **(patch.user_attributes or {})}
             if merged != dict(other.user_attributes):
+                pk = int(row[0])
                 self._exec(
                     cur,
                     "UPDATE endpoints SET user_attributes = ? WHERE pk = ?",
-                    (_dumps({k: list(v) for k, v in merged.items()}), row[0]),
+                    (_dumps({k: list(v) for k, v in merged.items()}), pk),
                 )
-                self._store_side_rows(
-                    cur,
-                    int(row[0]),
-                    Endpoint(**{**other.__dict__, "user_attributes": merged}),
-                )
+                updated = dataclasses.replace(other, user_attributes=merged)
+                batch.clear.add(pk)
+                batch.side[pk] = updated
+                batch.rows[endpoint_key(other.id)] = (pk, updated)
 
-    def _upsert(
-        self, cur: Cursor, app_id: str, patch: EndpointPatch, cause: Cause, now: str
-    ) -> bool:
+    def _upsert(self, cur: Cursor, batch: _Batch, patch: EndpointPatch, cause: Cause) -> bool:
         key = endpoint_key(patch.id)
-        loaded = self._load(cur, app_id, key)
-        pk, existing = loaded if loaded else (None, None)
+        loaded = self._current(cur, batch, key)
+        existing = loaded[1] if loaded else None
         if patch.position is not None:
-            tomb = self._tombstone(cur, app_id, key)
-            held = [p for p in (existing and existing.source_position, tomb) if p]
+            held = [p for p in (existing and existing.source_position, batch.tombs.get(key)) if p]
             if held and max(held) >= patch.position:
                 return False
         validate_patch(patch)
@@ -575,84 +624,151 @@ class SqlStore(EndpointStore):
         endpoint = merge(
             existing,
             patch,
-            app_id=app_id,
-            now=now,
+            app_id=batch.app_id,
+            now=batch.now,
             request_id=request_id,
             country=self.settings.country,
         )
-        joins_user = bool(endpoint.user_id) and (
-            existing is None or existing.user_id != endpoint.user_id
-        )
-        if joins_user:
-            self._make_room_for_user(cur, endpoint, key)
+        if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
+            self._make_room_for_user(cur, batch, endpoint, key)
             endpoint = self._with_user_attributes(cur, endpoint, key)
-        self._check_attribute_names(cur, app_id, endpoint)
-        self._save(cur, pk, endpoint)
+        self._check_attribute_names(cur, batch, endpoint)
+        pk = self._save(cur, batch, loaded, endpoint)
+        batch.rows[key] = (pk, endpoint)
         if endpoint.address is not None:
-            self._exec(
+            self._deactivate(
                 cur,
-                "UPDATE endpoints SET status = 'INACTIVE' WHERE app_id = ? AND address = ? AND "
-                "channel_type = ? AND id_key <> ? AND status = 'ACTIVE'",
-                (app_id, endpoint.address, endpoint.channel_type.value, key),
+                batch,
+                "address = ? AND channel_type = ? AND id_key <> ?",
+                (endpoint.address, endpoint.channel_type.value, key),
             )
         if patch.user_attributes and endpoint.user_id:
-            self._sync_user_attributes(cur, endpoint, patch)
+            self._sync_user_attributes(cur, batch, endpoint, patch)
         before = existing.opt_out if existing else None
         if before is not endpoint.opt_out:
-            self._record(cur, app_id, endpoint, before, endpoint.opt_out, cause, now)
-        if patch.position is not None:
-            self._exec(cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key))
+            self._record(batch, endpoint, before, endpoint.opt_out, cause)
+        if patch.position is not None and batch.tombs.pop(key, None) is not None:
+            self._exec(
+                cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (batch.app_id, key)
+            )
         return True
 
     def _delete(
-        self, cur: Cursor, app_id: str, delete: EndpointDelete, cause: Cause, now: str
+        self, cur: Cursor, batch: _Batch, delete: EndpointDelete, cause: Cause
     ) -> Endpoint | bool | None:
         """The deleted endpoint; None if there was none; False if the delete is stale."""
         key = endpoint_key(delete.id)
-        loaded = self._load(cur, app_id, key)
+        loaded = self._current(cur, batch, key)
         if delete.position is not None:
-            tomb = self._tombstone(cur, app_id, key)
+            tomb = batch.tombs.get(key)
             held = [p for p in (loaded and loaded[1].source_position, tomb) if p]
             if held and max(held) >= delete.position:
                 return False
-            self._exec(cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (app_id, key))
+            if tomb is not None:
+                self._exec(
+                    cur,
+                    "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?",
+                    (batch.app_id, key),
+                )
             self._exec(
                 cur,
                 "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?)",
-                (app_id, key, delete.position),
+                (batch.app_id, key, delete.position),
             )
+            batch.tombs[key] = delete.position
         if loaded is None:
             return None
         pk, endpoint = loaded
-        for table in ("endpoint_attributes", "endpoint_metrics"):
-            self._exec(cur, f"DELETE FROM {table} WHERE endpoint_pk = ?", (pk,))
         self._exec(cur, "DELETE FROM endpoints WHERE pk = ?", (pk,))
-        self._record(cur, app_id, endpoint, endpoint.opt_out, None, cause, now)
+        batch.rows[key] = None
+        batch.clear.add(pk)
+        batch.side.pop(pk, None)
+        batch.counts[_bucket(endpoint)] -= 1
+        self._record(batch, endpoint, endpoint.opt_out, None, cause)
         return endpoint
+
+    def _finish_batch(self, cur: Cursor, batch: _Batch) -> None:
+        """Write what the batch deferred: side rows, consent history, rollup counts."""
+        for table in ("endpoint_attributes", "endpoint_metrics"):
+            for chunk in _chunks(sorted(batch.clear)):
+                marks = ", ".join("?" for _ in chunk)
+                self._exec(cur, f"DELETE FROM {table} WHERE endpoint_pk IN ({marks})", chunk)
+        attributes = [
+            (pk, e.app_id, kind, name, value, iso_instant_ms(value))
+            for pk, e in batch.side.items()
+            for kind, values in (("A", e.attributes), ("U", e.user_attributes))
+            for name, items in values.items()
+            for value in items
+        ]
+        if attributes:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, "
+                    "value_ts) VALUES (?, ?, ?, ?, ?, ?)"
+                ),
+                attributes,
+            )
+        metrics = [
+            (pk, e.app_id, n, v) for pk, e in batch.side.items() for n, v in e.metrics.items()
+        ]
+        if metrics:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO endpoint_metrics (endpoint_pk, app_id, name, value) "
+                    "VALUES (?, ?, ?, ?)"
+                ),
+                metrics,
+            )
+        if batch.history:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, "
+                    "opt_out_before, opt_out_after, address, cause_kind, cause_ref) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                batch.history,
+            )
+        deltas = [(batch.app_id, *bucket, n) for bucket, n in batch.counts.items() if n]
+        if deltas:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO endpoint_counts (app_id, country_code, channel_type, status, "
+                    "opt_out, n) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (app_id, country_code, "
+                    "channel_type, status, opt_out) DO UPDATE SET n = endpoint_counts.n + "
+                    "excluded.n"
+                ),
+                deltas,
+            )
+        self._written += len(batch.side)
 
     def write_endpoints(
         self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
     ) -> WriteResult:
         applied = stale = missing = 0
-        now = iso_now()
         with self._write() as cur:
             self._get_app(cur, app_id)
+            batch = self._begin_batch(cur, app_id, writes)
             for write in writes:
                 if write.position is not None and cause.kind is CauseKind.SOURCE:
                     cause = Cause(CauseKind.SOURCE, write.position)
                 if isinstance(write, EndpointDelete):
-                    outcome = self._delete(cur, app_id, write, cause, now)
+                    outcome = self._delete(cur, batch, write, cause)
                     if outcome is False:
                         stale += 1
                     elif outcome is None:
                         missing += 1
                     else:
                         applied += 1
-                elif self._upsert(cur, app_id, write, cause, now):
+                elif self._upsert(cur, batch, write, cause):
                     applied += 1
                 else:
                     stale += 1
+            self._finish_batch(cur, batch)
+        self._after_writes()
         return WriteResult(applied=applied, stale=stale, missing=missing)
+
+    def _after_writes(self) -> None:
+        """Hook: a store may refresh planner statistics now and then."""
 
     def get_endpoint(self, app_id: str, endpoint_id: str) -> Endpoint:
         with self._read() as cur:
@@ -663,9 +779,12 @@ class SqlStore(EndpointStore):
         return loaded[1]
 
     def delete_endpoint(self, app_id: str, endpoint_id: str, cause: Cause) -> Endpoint:
+        delete = EndpointDelete(endpoint_id)
         with self._write() as cur:
             self._get_app(cur, app_id)
-            outcome = self._delete(cur, app_id, EndpointDelete(endpoint_id), cause, iso_now())
+            batch = self._begin_batch(cur, app_id, [delete])
+            outcome = self._delete(cur, batch, delete, cause)
+            self._finish_batch(cur, batch)
         if not isinstance(outcome, Endpoint):
             raise NotFound(f"Resource not found: app {app_id!r} has no endpoint {endpoint_id!r}")
         return outcome
@@ -688,14 +807,16 @@ class SqlStore(EndpointStore):
         return found
 
     def delete_user_endpoints(self, app_id: str, user_id: str, cause: Cause) -> list[Endpoint]:
-        now = iso_now()
         with self._write() as cur:
             self._get_app(cur, app_id)
             found = self._user_endpoints(cur, app_id, user_id)
             if not found:
                 raise NotFound(f"Resource not found: app {app_id!r} has no endpoints for that user")
-            for endpoint in found:
-                self._delete(cur, app_id, EndpointDelete(endpoint.id), cause, now)
+            deletes = [EndpointDelete(e.id) for e in found]
+            batch = self._begin_batch(cur, app_id, deletes)
+            for delete in deletes:
+                self._delete(cur, batch, delete, cause)
+            self._finish_batch(cur, batch)
         return found
 
     def consent_history(self, app_id: str, endpoint_id: str) -> list[ConsentChange]:
@@ -900,21 +1021,46 @@ class SqlStore(EndpointStore):
             )
         return segment
 
+    def estimate_query(
+        self, cur: Cursor, app_id: str, segment_id: str, version: int | None = None
+    ) -> tuple[str, list[Any]]:
+        """The one statement that counts a segment: (total, eligible).
+
+        A filter on Country and channel only is answered from the ``endpoint_counts`` rollup
+        (a handful of rows per app); any other filter counts ``endpoints`` through its indexes.
+        """
+        segment = self._get_segment(cur, app_id, segment_id, version)
+        compiled = compile_segment(
+            segment.definition,
+            app_id=app_id,
+            resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
+            dialect=self.dialect,
+        )
+        if compiled.reads_only(_ROLLUP_COLUMNS):
+            sql = (
+                "SELECT COALESCE(SUM(e.n), 0), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
+                "e.opt_out = 'NONE' THEN e.n ELSE 0 END), 0) FROM endpoint_counts e "
+                f"WHERE e.app_id = ? AND ({compiled.sql})"
+            )
+        else:
+            sql = (
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
+                "e.opt_out = 'NONE' THEN 1 ELSE 0 END), 0) FROM endpoints e "
+                f"WHERE e.app_id = ? AND ({compiled.sql})"
+            )
+        return sql, [app_id, *compiled.params]
+
+    def estimate_sql(
+        self, app_id: str, segment_id: str, version: int | None = None
+    ) -> tuple[str, list[Any]]:
+        """The statement ``estimate`` runs, for EXPLAIN and benchmarks."""
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            return self.estimate_query(cur, app_id, segment_id, version)
+
     def estimate(self, app_id: str, segment_id: str, version: int | None = None) -> Estimate:
         with self._read() as cur:
             self._get_app(cur, app_id)
-            segment = self._get_segment(cur, app_id, segment_id, version)
-            where, params = compile_filter(
-                segment.definition,
-                app_id=app_id,
-                resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
-                dialect=self.dialect,
-            )
-            base = f"SELECT COUNT(*) FROM endpoints e WHERE e.app_id = ? AND ({where})"
-            total = self._exec(cur, base, (app_id, *params)).fetchone()[0]
-            eligible = self._exec(
-                cur,
-                f"{base} AND e.status = 'ACTIVE' AND e.opt_out = 'NONE'",
-                (app_id, *params),
-            ).fetchone()[0]
+            sql, params = self.estimate_query(cur, app_id, segment_id, version)
+            total, eligible = self._exec(cur, sql, params).fetchone()
         return Estimate(total=int(total), eligible=int(eligible))
