@@ -184,13 +184,24 @@ def merge(
         location=location,
         source_position=patch.position or existing.source_position,
     )
-    size = len(json.dumps(_sized(merged)).encode())
+    size = _rough_size(merged)
+    if size > MAX_ENDPOINT_BYTES // 2:  # exact only when it could matter
+        size = len(json.dumps(_sized(merged)).encode())
     if size > MAX_ENDPOINT_BYTES:
         raise LimitExceeded(
             f"Endpoint {patch.id!r} would be {size} bytes; the limit is {MAX_ENDPOINT_BYTES} "
             "bytes per endpoint: drop attributes or shorten values"
         )
     return merged
+
+
+def _rough_size(endpoint: Endpoint) -> int:
+    """An over-estimate of the endpoint's JSON size from its string lengths (UTF-8 <= 4x)."""
+    total = len(endpoint.address or "")
+    for values in (endpoint.attributes, endpoint.user_attributes):
+        total += sum(len(k) + 6 + sum(len(v) + 3 for v in items) for k, items in values.items())
+    total += sum(len(k) + 30 for k in endpoint.metrics)
+    return 4 * total + 1024
 
 
 def _sized(endpoint: Endpoint) -> dict[str, object]:

@@ -186,15 +186,40 @@ def normalize(
     number = _parse(address, region)
     if number is None:
         return None
-    # What is_valid_number does, without working out the region a second time afterwards.
-    region_code = phonenumbers.region_code_for_number(number)
-    valid = region_code is not None and phonenumbers.is_valid_number_for_region(number, region_code)
+    region_code, valid = _region_and_validity(number)
     if policy == PhonePolicy.VALID and not valid:
         return None
     if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
         return None
     country = _region(region_code) if valid else _calling_code_region(number)
     return NormalizedPhone(_e164(number), country)
+
+
+# (calling code, national number without its last four digits) -> region of a valid number.
+_REGION_BY_PREFIX: dict[tuple[int, str], str] = {}
+_PREFIX_CACHE_LIMIT = 100_000
+
+
+def _region_and_validity(number: phonenumbers.PhoneNumber) -> tuple[str | None, bool]:
+    """``region_code_for_number`` and ``is_valid_number`` in one pass, usually one region check.
+
+    Finding the region of a +1 number tests it against every NANP region (about 25). Numbers
+    that share all but their last four digits share their region, so a region found once is
+    tried first for its neighbours; it is used only if the number is valid there, and
+    otherwise the full search runs, so the answer is the same as libphonenumber's.
+    """
+    national = phonenumbers.national_significant_number(number)
+    key = (number.country_code or 0, national[:-4])
+    hint = _REGION_BY_PREFIX.get(key)
+    if hint is not None and phonenumbers.is_valid_number_for_region(number, hint):
+        return hint, True
+    region_code = phonenumbers.region_code_for_number(number)
+    valid = region_code is not None and phonenumbers.is_valid_number_for_region(number, region_code)
+    if valid and region_code is not None:
+        if len(_REGION_BY_PREFIX) >= _PREFIX_CACHE_LIMIT:
+            _REGION_BY_PREFIX.clear()
+        _REGION_BY_PREFIX[key] = region_code
+    return region_code, valid
 
 
 @functools.lru_cache(maxsize=65_536)

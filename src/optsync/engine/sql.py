@@ -550,40 +550,34 @@ class SqlStore(EndpointStore):
             batch.counts[(country or "", channel, "INACTIVE", opt_out)] += 1
             batch.rows.pop(key, None)
 
-    def _make_room_for_user(self, cur: Cursor, batch: _Batch, endpoint: Endpoint, key: str) -> None:
-        """Enforce 15 endpoints per UserId; push channels retire their oldest endpoint."""
+    def _join_user(self, cur: Cursor, batch: _Batch, endpoint: Endpoint, key: str) -> Endpoint:
+        """An endpoint joins a UserId: enforce 15 endpoints per user, take on its attributes.
+
+        At the cap, push-token channels retire the user's oldest push endpoint (INACTIVE, no
+        UserId); other channels are refused. The joining endpoint gets the user's
+        UserAttributes, its own given ones winning.
+        """
         rows = self._exec(
             cur,
-            "SELECT pk, channel_type, effective_date, id_key FROM endpoints WHERE app_id = ? AND "
-            "user_id = ? AND id_key <> ?",
+            "SELECT pk, channel_type, effective_date, id_key, user_attributes FROM endpoints "
+            "WHERE app_id = ? AND user_id = ? AND id_key <> ?",
             (endpoint.app_id, endpoint.user_id, key),
         ).fetchall()
-        if len(rows) < MAX_ENDPOINTS_PER_USER:
-            return
-        if endpoint.channel_type in PUSH_TOKEN_CHANNELS:
+        if len(rows) >= MAX_ENDPOINTS_PER_USER:
             push = [r for r in rows if ChannelType(r[1]) in PUSH_TOKEN_CHANNELS]
-            if push:
-                oldest = min(push, key=lambda r: (r[2] or "", r[0]))
-                self._deactivate(cur, batch, "pk = ?", (oldest[0],))
-                self._exec(cur, "UPDATE endpoints SET user_id = NULL WHERE pk = ?", (oldest[0],))
-                batch.rows.pop(oldest[3], None)
-                return
-        raise LimitExceeded(
-            f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
-            f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
-        )
-
-    def _with_user_attributes(self, cur: Cursor, endpoint: Endpoint, key: str) -> Endpoint:
-        """An endpoint joining a UserId takes on the user's attributes (its own given ones win)."""
-        row = self._exec(
-            cur,
-            "SELECT user_attributes FROM endpoints WHERE app_id = ? AND user_id = ? AND "
-            "id_key <> ? LIMIT 1",
-            (endpoint.app_id, endpoint.user_id, key),
-        ).fetchone()
-        if row is None:
+            if endpoint.channel_type not in PUSH_TOKEN_CHANNELS or not push:
+                raise LimitExceeded(
+                    f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
+                    f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
+                )
+            oldest = min(push, key=lambda r: (r[2] or "", r[0]))
+            self._deactivate(cur, batch, "pk = ?", (oldest[0],))
+            self._exec(cur, "UPDATE endpoints SET user_id = NULL WHERE pk = ?", (oldest[0],))
+            batch.rows.pop(oldest[3], None)
+            rows = [r for r in rows if r[0] != oldest[0]]
+        if not rows:
             return endpoint
-        merged = {**_lists(row[0]), **endpoint.user_attributes}
+        merged = {**_lists(rows[0][4]), **endpoint.user_attributes}
         return dataclasses.replace(endpoint, user_attributes=merged)
 
     def _sync_user_attributes(
@@ -630,8 +624,7 @@ class SqlStore(EndpointStore):
             country=self.settings.country,
         )
         if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
-            self._make_room_for_user(cur, batch, endpoint, key)
-            endpoint = self._with_user_attributes(cur, endpoint, key)
+            endpoint = self._join_user(cur, batch, endpoint, key)
         self._check_attribute_names(cur, batch, endpoint)
         pk = self._save(cur, batch, loaded, endpoint)
         batch.rows[key] = (pk, endpoint)
