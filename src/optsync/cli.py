@@ -23,6 +23,7 @@ import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from starlette.types import ASGIApp
 
 from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
@@ -38,14 +39,17 @@ from optsync.config import (
     load_or_create_credentials,
     load_settings,
 )
+from optsync.console import console_context, create_console
 from optsync.engine.models import ChannelType
 from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError
 from optsync.logs import configure_logging
-from optsync.pipeline import Pipeline, ensure_app
+from optsync.pipeline import Pipeline, ensure_app, open_source
+from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.status import read_status, to_prometheus
+from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
 __all__ = ("main",)
@@ -101,16 +105,22 @@ def _serve(
     store: EndpointStore,
     verifier: SignatureVerifier | None,
     pipeline: Pipeline | None = None,
+    prefs: ASGIApp | None = None,
 ) -> None:
-    """Run the API until Ctrl-C or until the pipeline fails."""
+    """Run the API (console at /console, preference center at /prefs if given) until Ctrl-C or
+    until the pipeline fails."""
     metrics = None
     if pipeline is not None:
 
         def metrics() -> str:
             return to_prometheus(read_status(settings, store))
 
+    console_app = create_console(console_context(settings, store, pipeline=pipeline is not None))
+    mounts = {"/console": console_app}
+    if prefs is not None:
+        mounts["/prefs"] = prefs
     config = uvicorn.Config(
-        PinpointApi(store, verifier, metrics),
+        PinpointApi(store, verifier, metrics, mounts),
         host=settings.api.host,
         port=settings.api.port,
         access_log=False,
@@ -143,8 +153,14 @@ def _snapshot_progress() -> Iterator[Progress]:
         yield progress
 
 
-def _run_pipeline(settings: Settings, store: EndpointStore, verifier: SignatureVerifier | None,
-                  banner: list[str]) -> None:  # fmt: skip
+def _run_pipeline(
+    settings: Settings,
+    store: EndpointStore,
+    verifier: SignatureVerifier | None,
+    banner: list[str],
+    prefs: ASGIApp | None = None,
+    stages: tuple[str, ...] = ("capture", "apply"),
+) -> None:
     tasks: dict[str, TaskID] = {}
     with _snapshot_progress() as bar:
 
@@ -153,7 +169,7 @@ def _run_pipeline(settings: Settings, store: EndpointStore, verifier: SignatureV
                 tasks[table] = bar.add_task(table, total=expected)
             bar.update(tasks[table], completed=done)
 
-        pipeline = Pipeline(settings, store, progress=progress)
+        pipeline = Pipeline(settings, store, progress=progress, stages=stages)
         pipeline.start()
         while not pipeline.snapshot_done.wait(0.1):
             if pipeline.failure is not None:
@@ -163,7 +179,7 @@ def _run_pipeline(settings: Settings, store: EndpointStore, verifier: SignatureV
         for line in banner:
             click.echo(line)
         if settings.serve_api:
-            _serve(settings, store, verifier, pipeline)
+            _serve(settings, store, verifier, pipeline, prefs)
         else:
             while pipeline.failure is None:
                 time.sleep(0.2)
@@ -241,6 +257,7 @@ def serve(
     verifier = _verifier(settings, insecure_no_auth)
     store = SQLiteStore(settings.engine_path, settings.engine)
     click.echo(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
+    click.echo(f"Console on http://{settings.api.host}:{settings.api.port}/console")
     try:
         _serve(settings, store, verifier)
     finally:
@@ -252,7 +269,13 @@ def serve(
               show_default=True)  # fmt: skip
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-def up(data_dir: Path, host: str, port: int) -> None:
+@click.option(
+    "--prefs/--no-prefs",
+    default=True,
+    show_default=True,
+    help="Serve the sample preference center (the demo app) at /prefs.",
+)
+def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
     """Everything in one process on embedded parts, seeded with the AWS sample's nine users."""
     settings = _sample_settings(data_dir, host, port, load_settings(None))
     app_db = data_dir / "app.db"
@@ -266,6 +289,8 @@ def up(data_dir: Path, host: str, port: int) -> None:
             f"(table {SAMPLE_TABLE}).",
             f"Pinpoint API on http://{host}:{port}  (app {settings.app!r}, segment "
             f"{SAMPLE_SEGMENT!r})",
+            f"Console on http://{host}:{port}/console  (sign in with the API key pair)",
+            *([f"Preference center (sample app) on http://{host}:{port}/prefs"] if prefs else []),
             "",
             "Opt user1 out in the application database, in another terminal:",
             f"  sqlite3 {app_db} \"UPDATE {SAMPLE_TABLE} SET optin = 0 WHERE userid = 'user1'\"",
@@ -273,7 +298,8 @@ def up(data_dir: Path, host: str, port: int) -> None:
             f"  {_me()} status --data-dir {data_dir}",
             "",
         ]
-        _run_pipeline(settings, store, verifier, banner)
+        prefs_app = create_prefcenter(prefs_context(settings)) if prefs else None
+        _run_pipeline(settings, store, verifier, banner, prefs_app)
     finally:
         store.close()
 
@@ -281,19 +307,87 @@ def up(data_dir: Path, host: str, port: int) -> None:
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
 @click.option("--insecure-no-auth", is_flag=True, help="Accept unsigned requests (loopback only).")
-def run(config_path: Path, insecure_no_auth: bool) -> None:
+@click.option(
+    "--prefs", is_flag=True, help="Serve the sample preference center at /prefs (needs [api])."
+)
+def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
     """The pipeline from a config file; serves the API too when the file has [api]."""
     settings = load_settings(config_path)
     if settings.source is None:
         raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
+    if prefs and not settings.serve_api:
+        raise ConfigError(f"{config_path}: --prefs needs an [api] table: the page is served there")
+    prefs_app = create_prefcenter(prefs_context(settings)) if prefs else None
     store = SQLiteStore(settings.engine_path, settings.engine)
     try:
         ensure_app(store, settings.app)
         verifier = _verifier(settings, insecure_no_auth) if settings.serve_api else None
         banner = [f"Capturing {settings.source.url} tables {', '.join(settings.source.tables)}"]
         if settings.serve_api:
-            banner.append(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
-        _run_pipeline(settings, store, verifier, banner)
+            url = f"http://{settings.api.host}:{settings.api.port}"
+            banner.append(f"Pinpoint API on {url}, console on {url}/console")
+            if prefs_app is not None:
+                banner.append(f"Preference center (sample app) on {url}/prefs")
+        _run_pipeline(settings, store, verifier, banner, prefs_app)
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option("--resnapshot", is_flag=True, help="Forget the saved position; snapshot again.")
+@click.option("--drop-slot", is_flag=True, help="PostgreSQL: drop the replication slot and exit.")
+def capture(config_path: Path, resnapshot: bool, drop_slot: bool) -> None:
+    """Run only the capture stage (scale-out: apply runs in other processes)."""
+    settings = load_settings(config_path)
+    if settings.source is None:
+        raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
+    source = open_source(settings)
+    if drop_slot:
+        drop = getattr(source, "drop_slot", None)
+        if drop is None:
+            raise ConfigError("--drop-slot applies to PostgreSQL sources only")
+        drop()
+        click.echo(f"dropped the replication slot of {source.name}")
+        return
+    if resnapshot:
+        fresh = getattr(source, "resnapshot_state", None)
+        if fresh is None:
+            raise ConfigError(f"--resnapshot is not available for {settings.source.scheme} sources")
+        stream = EmbeddedStream(settings.stream_path)
+        try:
+            stream.append([], Checkpoint(source.name, fresh()))
+        finally:
+            stream.close()
+        click.echo(f"{source.name}: the next start takes a new snapshot")
+    source.close()
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    try:
+        _run_pipeline(
+            dataclasses.replace(settings, serve_api=False),
+            store,
+            None,
+            [f"Capturing {settings.source.url} into {settings.stream_path}"],
+            stages=("capture",),
+        )
+    finally:
+        store.close()
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+def apply(config_path: Path) -> None:
+    """Run only the apply stage, reading the stream another process captures into."""
+    settings = load_settings(config_path)
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    try:
+        _run_pipeline(
+            dataclasses.replace(settings, serve_api=False),
+            store,
+            None,
+            [f"Applying {settings.stream_path} into app {settings.app!r}"],
+            stages=("apply",),
+        )
     finally:
         store.close()
 

@@ -52,10 +52,24 @@ class SourceSettings:
     """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
     tables: tuple[str, ...]
     """The captured tables."""
+    name: str | None = None
+    """Name the stream keeps this source's checkpoint under [default: the database kind]."""
+    server_id: int | None = None
+    """MySQL/MariaDB: the replica server id capture uses (must be unique among replicas)."""
+    slot: str | None = None
+    """PostgreSQL: the replication slot [default: optsync_<name>]."""
+    publication: str | None = None
+    """PostgreSQL: the publication [default: derived from the slot]."""
 
     @property
     def scheme(self) -> str:
         return self.url.split(":", 1)[0].lower()
+
+    @property
+    def source_name(self) -> str:
+        if self.name:
+            return self.name
+        return {"mariadb": "mysql", "postgresql": "postgres"}.get(self.scheme, self.scheme)
 
     @property
     def sqlite_path(self) -> Path:
@@ -184,19 +198,43 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     )
 
 
+_SOURCE_KEYS = {
+    "url": str,
+    "tables": list,
+    "name": str,
+    "server_id": int,
+    "slot": str,
+    "publication": str,
+}
+SOURCE_SCHEMES = ("sqlite", "mysql", "mariadb", "postgresql", "postgres")
+
+
 def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | None:
     table = _section(doc, "source")
-    url = env.get("OPTSYNC_SOURCE_URL") or _typed(table, "url", str, "[source] ")
+    for key, value in table.items():
+        kind = _SOURCE_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(f"[source] has unknown key {key!r}; known: {', '.join(_SOURCE_KEYS)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ConfigError(f"[source] {key} must be a {kind.__name__}, not {value!r}")
+    url = env.get("OPTSYNC_SOURCE_URL") or table.get("url")
     if not url:
         return None
     tables = table.get("tables")
     if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
         raise ConfigError('[source] tables must list the captured tables, e.g. ["optin_status"]')
-    settings = SourceSettings(url=url, tables=tuple(tables))
-    if settings.scheme != "sqlite" or ":///" not in url:
+    settings = SourceSettings(
+        url=url,
+        tables=tuple(tables),
+        name=table.get("name"),
+        server_id=table.get("server_id"),
+        slot=table.get("slot"),
+        publication=table.get("publication"),
+    )
+    if settings.scheme not in SOURCE_SCHEMES or (settings.scheme == "sqlite" and ":///" not in url):
         raise ConfigError(
-            f"[source] url = {url!r}: this version captures sqlite:///path/to/app.db; "
-            "MySQL/MariaDB and PostgreSQL capture come in later versions"
+            f"[source] url = {url!r}: use sqlite:///path/app.db, mysql://user:pass@host:3306/db, "
+            "mariadb://..., or postgresql://user:pass@host:5432/db"
         )
     return settings
 

@@ -35,10 +35,22 @@ RETRY_SECONDS = 0.5
 
 
 def open_source(settings: Settings) -> ChangeSource:
-    """The capture for ``[source] url``."""
-    if settings.source is None:
+    """The capture for ``[source] url`` (a database driver is loaded only when configured)."""
+    source = settings.source
+    if source is None:
         raise ConfigError("[source] url is missing: say which database to capture")
-    return SQLiteSource(settings.source.sqlite_path, settings.source.tables)
+    name = source.source_name
+    if source.scheme == "sqlite":
+        return SQLiteSource(source.sqlite_path, source.tables, name=name)
+    if source.scheme in ("mysql", "mariadb"):
+        from optsync.capture.mysql import MySQLSource  # noqa: PLC0415
+
+        return MySQLSource(source.url, source.tables, name=name, server_id=source.server_id)
+    from optsync.capture.postgres import PostgresSource  # noqa: PLC0415
+
+    return PostgresSource(
+        source.url, source.tables, name=name, slot=source.slot, publication=source.publication
+    )
 
 
 def ensure_app(store: EndpointStore, name: str) -> App:
@@ -56,9 +68,11 @@ class Pipeline:
         *,
         progress: Progress | None = None,
         on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
+        stages: Sequence[str] = ("capture", "apply"),
     ) -> None:
-        if not settings.mappings:
+        if "apply" in stages and not settings.mappings:
             raise ConfigError("no [[mapping]] rule: say how rows become endpoints")
+        self.stages = tuple(stages)
         self.settings = settings
         self.store = store
         self.progress = progress
@@ -80,7 +94,10 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for name, target in (("capture", self._capture), ("apply", self._apply)):
+        targets = {"capture": self._capture, "apply": self._apply}
+        if "capture" not in self.stages:
+            self.snapshot_done.set()  # another process captures
+        for name, target in ((n, targets[n]) for n in self.stages):
             thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)

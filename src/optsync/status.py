@@ -50,7 +50,7 @@ def read_status(settings: Settings, store: EndpointStore) -> Status:
                 lag_seconds = max(0.0, time.time() - pending[0].appended_at)
         checkpoint = None
         if settings.source is not None:
-            saved = stream.checkpoint("sqlite")
+            saved = stream.checkpoint(settings.source.source_name)
             checkpoint = json.loads(saved.state) if saved else None
         app = store.find_app(settings.app)
         segments: list[SegmentCount] = []

@@ -1369,3 +1369,22 @@ def test_aws_sample_flow(store: EndpointStore, app_id: str) -> None:
 
     write(store, app_id, EndpointPatch(id="user5", opt_out=OptOut.ALL))
     assert store.estimate(app_id, segment.id) == Estimate(total=9, eligible=4)
+
+
+def test_find_endpoints_by_exact_address(store: EndpointStore, app_id: str) -> None:
+    cause = Cause(CauseKind.API, "r")
+    store.write_endpoints(
+        app_id,
+        [
+            EndpointPatch(id="b-sms", channel_type=ChannelType.SMS, address="+12065550100"),
+            EndpointPatch(id="a-voice", channel_type=ChannelType.VOICE, address="+12065550100"),
+            EndpointPatch(id="c", channel_type=ChannelType.SMS, address="+12065550101"),
+        ],
+        cause,
+    )
+    found = store.find_endpoints(app_id, "+12065550100")
+    assert [e.id for e in found] == ["a-voice", "b-sms"]
+    assert store.find_endpoints(app_id, "+12065550100", limit=1)[0].id == "a-voice"
+    assert store.find_endpoints(app_id, "+19999999999") == []
+    with pytest.raises(NotFound):
+        store.find_endpoints("no-such-app", "+12065550100")

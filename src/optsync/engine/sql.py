@@ -812,6 +812,17 @@ class SqlStore(EndpointStore):
             self._finish_batch(cur, batch)
         return found
 
+    def find_endpoints(self, app_id: str, address: str, limit: int = 100) -> list[Endpoint]:
+        with self._read() as cur:
+            self._get_app(cur, app_id)
+            rows = self._exec(
+                cur,
+                f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND address = ? "
+                "ORDER BY id_key LIMIT ?",
+                (app_id, address, limit),
+            ).fetchall()
+        return [_row_to_endpoint(r) for r in rows]
+
     def consent_history(self, app_id: str, endpoint_id: str) -> list[ConsentChange]:
         with self._read() as cur:
             self._get_app(cur, app_id)

@@ -169,10 +169,22 @@ class SQLiteStore(SqlStore):
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA busy_timeout = 10000")
         self._conn.executescript(SCHEMA)
+        self._fill_rollup()
         # Cheap statistics so the planner drives attribute filters from the attribute index.
         self._conn.execute("PRAGMA analysis_limit = 1000")
         self._conn.execute("PRAGMA optimize = 0x10002")
         self._optimized_at = 0
+
+    def _fill_rollup(self) -> None:
+        """Count endpoints into an empty rollup (an engine file from before it existed)."""
+        with self._write() as cur:
+            empty = cur.execute("SELECT 1 FROM endpoint_counts LIMIT 1").fetchone() is None
+            if empty:
+                cur.execute(
+                    "INSERT INTO endpoint_counts (app_id, country_code, channel_type, status, "
+                    "opt_out, n) SELECT app_id, COALESCE(country_code, ''), channel_type, status, "
+                    "opt_out, COUNT(*) FROM endpoints GROUP BY 1, 2, 3, 4, 5"
+                )
 
     def _after_writes(self) -> None:
         # Refresh statistics after every 50,000 written endpoints (about 10 ms each time).

@@ -110,6 +110,10 @@ class EndpointStore(ABC):
     def delete_user_endpoints(self, app_id: str, user_id: str, cause: Cause) -> list[Endpoint]: ...
 
     @abstractmethod
+    def find_endpoints(self, app_id: str, address: str, limit: int = 100) -> list[Endpoint]:
+        """Endpoints whose Address is exactly ``address`` (any channel), by id."""
+
+    @abstractmethod
     def consent_history(self, app_id: str, endpoint_id: str) -> list[ConsentChange]:
         """Every OptOut change of the endpoint, oldest first (kept after deletion)."""
 

@@ -1,0 +1,95 @@
+"""What the console works on: the engine's store, the sign-in key pairs and, when the process
+runs a pipeline, its status and dead-letter queue.
+
+``optsync serve`` has no pipeline: ``status``, ``dead_letters`` and ``replay`` are None there and
+the pipeline page says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from optsync.apply.dlq import DeadLetter, DeadLetterQueue
+from optsync.apply.mapping import Mapper
+from optsync.apply.worker import ApplyWorker
+from optsync.config import Settings, load_or_create_credentials
+from optsync.console.auth import load_or_create_secret
+from optsync.engine.store import EndpointStore
+from optsync.pipeline import ensure_app
+from optsync.status import Status, read_status
+from optsync.stream.embedded import EmbeddedStream
+
+__all__ = ("ConsoleContext", "DeadLetterSource", "ReplayDeadLetters", "console_context")
+
+StatusProvider = Callable[[], Status]
+DeadLetterSource = Callable[[int], Sequence[DeadLetter]]
+"""Up to n dead letters not replayed yet, oldest first."""
+ReplayDeadLetters = Callable[[Sequence[int] | None], tuple[int, int]]
+"""Replay the given dead letters (None: all); returns (replayed, still failing)."""
+
+
+@dataclass(frozen=True)
+class ConsoleContext:
+    store: EndpointStore
+    credentials: Mapping[str, str]
+    """Access key id -> secret: the pairs an operator may sign in with (the API's own)."""
+    secret: str
+    """Signs the session cookies."""
+    status: StatusProvider | None = None
+    dead_letters: DeadLetterSource | None = None
+    replay: ReplayDeadLetters | None = None
+    default_app: str | None = None
+    """Name of the app the console opens first (the one the pipeline writes into)."""
+    secure_cookies: bool = False
+    """Mark cookies ``Secure`` (only when the console is reached over HTTPS)."""
+    poll_seconds: float = 1.0
+    """How often the live estimate asks for new counts."""
+
+    @property
+    def has_pipeline(self) -> bool:
+        return self.status is not None
+
+
+def console_context(settings: Settings, store: EndpointStore, *, pipeline: bool) -> ConsoleContext:
+    """The console of an ``optsync serve`` (``pipeline=False``) or ``up``/``run`` process.
+
+    Operators sign in with the API's key pairs: the configured ones, else ``DATA_DIR/credentials``.
+    """
+    credentials = dict(settings.api.credentials)
+    if not credentials:
+        credentials, _ = load_or_create_credentials(settings.data_dir)
+    context = ConsoleContext(
+        store=store,
+        credentials=credentials,
+        secret=load_or_create_secret(settings.data_dir),
+        default_app=settings.app,
+    )
+    if not pipeline:
+        return context
+
+    def status() -> Status:
+        return read_status(settings, store)
+
+    def dead_letters(limit: int) -> Sequence[DeadLetter]:
+        queue = DeadLetterQueue(settings.dlq_path)
+        try:
+            return queue.list(limit=limit)
+        finally:
+            queue.close()
+
+    def replay(ids: Sequence[int] | None) -> tuple[int, int]:
+        # As `optsync dlq replay` does: the position guard makes this safe beside the running
+        # apply thread.
+        stream = EmbeddedStream(settings.stream_path)
+        queue = DeadLetterQueue(settings.dlq_path)
+        try:
+            app = ensure_app(store, settings.app)
+            worker = ApplyWorker(stream, Mapper(settings.mappings), store, app.id, queue)
+            return worker.replay_dead_letters(ids)
+        finally:
+            queue.close()
+            stream.close()
+
+    return dataclasses.replace(context, status=status, dead_letters=dead_letters, replay=replay)
