@@ -237,7 +237,7 @@ def test_rolled_back_write_is_not_captured(sample: Path) -> None:
 
 
 def test_acknowledge_removes_read_change_rows(sample: Path) -> None:
-    with capture(sample, [SAMPLE_TABLE], idle_wait=0.05) as (source, batches):
+    with capture(sample, [SAMPLE_TABLE], idle_wait=0.05, ack_interval=0) as (source, batches):
         first = next(batches)
         with app_db(sample) as app:
             app.execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user1'")

@@ -113,6 +113,8 @@ _MAX_COLUMNS: Final = 63
 _NOW: Final = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _BUSY_TIMEOUT: Final = 5.0
 _ACK_CHUNK: Final = 10_000
+_ACK_INTERVAL: Final = 0.5  # seconds between change-table cleanups
+_ACK_BUSY_MS: Final = 20  # a cleanup waits this long for the application, then defers
 """Change rows deleted per write transaction, so the application never waits long."""
 _FAST_POLL: Final = 0.001
 _FAST_POLL_FOR: Final = 0.05
@@ -285,6 +287,7 @@ class SQLiteSource(ChangeSource):
         *,
         chunk_size: int = 5_000,
         idle_wait: float = 0.2,
+        ack_interval: float = _ACK_INTERVAL,
     ) -> None:
         if isinstance(tables, str):
             raise TypeError("tables must be a sequence of table names, not one string")
@@ -297,11 +300,14 @@ class SQLiteSource(ChangeSource):
         self.table_names = tuple(tables)
         self.chunk_size = chunk_size
         self.idle_wait = idle_wait
+        self.ack_interval = ack_interval
         self._tables: dict[str, _Table] = {}
         self._state = _State()
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
+        self._ack_upto = 0
+        self._cleaned_at = 0.0
 
     # -- open -------------------------------------------------------------------------------
 
@@ -692,20 +698,37 @@ class SQLiteSource(ChangeSource):
     # -- acknowledge, close -----------------------------------------------------------------
 
     def acknowledge(self, state: str) -> None:
-        """Delete the change rows the log has read up to ``state`` (nothing during a snapshot)."""
+        """Forget the change rows the log has read up to ``state`` (nothing during a snapshot).
+
+        The rows are deleted at most every ``ack_interval`` seconds, in short transactions
+        that give way to the application: if it holds the write lock, cleaning waits for the
+        next round. Deleting later is always safe, because the checkpoint is already durable in
+        the stream and the log reads only rows after it.
+        """
         acked = _State.parse(state, self.name)
         if acked.phase != "log" or acked.log_after is None:
             return
         if self._writer is None:
             raise RuntimeError(f"source {self.name!r} is not open")
+        self._ack_upto = max(self._ack_upto, acked.log_after)
+        now = time.monotonic()
+        if now - self._cleaned_at < self.ack_interval:
+            return
+        self._cleaned_at = now
         conn = self._writer
-        with self._write_lock, self._translated("acknowledge"):
-            low = conn.execute(f"SELECT min(seq) FROM {CHANGE_TABLE}").fetchone()[0]
-            while low is not None and low <= acked.log_after:
-                # Short write transactions: the application waits at most one chunk.
-                high = min(low + _ACK_CHUNK - 1, acked.log_after)
-                conn.execute(f"DELETE FROM {CHANGE_TABLE} WHERE seq <= ?", (high,))
-                low = high + 1
+        with self._write_lock:
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {_ACK_BUSY_MS}")
+                low = conn.execute(f"SELECT min(seq) FROM {CHANGE_TABLE}").fetchone()[0]
+                while low is not None and low <= self._ack_upto:
+                    high = min(low + _ACK_CHUNK - 1, self._ack_upto)
+                    conn.execute(f"DELETE FROM {CHANGE_TABLE} WHERE seq <= ?", (high,))
+                    low = high + 1
+            except sqlite3.OperationalError as exc:
+                text = str(exc).lower()
+                if "locked" not in text and "busy" not in text:
+                    raise Fatal(f"source {self.name!r}: acknowledge failed: {exc}") from exc
+                logger.debug("change-table cleanup deferred source=%s reason=%s", self.name, exc)
 
     def close(self) -> None:
         reader, writer = self._reader, self._writer

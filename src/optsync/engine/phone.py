@@ -35,7 +35,6 @@ Known divergences from Pinpoint:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -192,7 +191,11 @@ def normalize(
     if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
         return None
     country = _region(region_code) if valid else _calling_code_region(number)
-    return NormalizedPhone(_e164(number), country)
+    result = NormalizedPhone(_e164(number), country)
+    if len(_COUNTRY_BY_E164) >= _PREFIX_CACHE_LIMIT:
+        _COUNTRY_BY_E164.clear()
+    _COUNTRY_BY_E164[(result.e164, policy)] = country
+    return result
 
 
 # (calling code, national number without its last four digits) -> region of a valid number.
@@ -222,9 +225,16 @@ def _region_and_validity(number: phonenumbers.PhoneNumber) -> tuple[str | None, 
     return region_code, valid
 
 
-@functools.lru_cache(maxsize=65_536)
+# (E.164 number, policy) -> country, filled by ``normalize``: the mapper normalises a number and
+# the engine then derives the country of the same E.164 string without parsing it again.
+_COUNTRY_BY_E164: dict[tuple[str, PhonePolicy], str | None] = {}
+
+
 def country_for_address(address: str, policy: PhonePolicy = PhonePolicy.POSSIBLE) -> str | None:
     """Return the alpha-2 country of a phone address, or None if unknown or rejected."""
+    key = (address, PhonePolicy(policy))
+    if key in _COUNTRY_BY_E164:
+        return _COUNTRY_BY_E164[key]
     normalized = normalize(address, policy)
     return normalized.country if normalized is not None else None
 

@@ -93,6 +93,14 @@ _ENDPOINT_COLUMNS = (
 )
 
 
+_UPDATE_ENDPOINT = "UPDATE endpoints SET {} WHERE pk = ?".format(
+    ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
+)
+_INSERT_ENDPOINT = "INSERT INTO endpoints ({}) VALUES ({}) RETURNING pk".format(
+    _ENDPOINT_COLUMNS, ", ".join("?" for _ in _ENDPOINT_COLUMNS.split(","))
+)
+
+
 def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -520,17 +528,11 @@ class SqlStore(EndpointStore):
     ) -> int:
         values = _endpoint_values(endpoint)
         if loaded is None:
-            marks = ", ".join("?" for _ in values)
-            row = self._exec(
-                cur,
-                f"INSERT INTO endpoints ({_ENDPOINT_COLUMNS}) VALUES ({marks}) RETURNING pk",
-                values,
-            ).fetchone()
+            row = self._exec(cur, _INSERT_ENDPOINT, values).fetchone()
             pk = int(row[0])
         else:
             pk, existing = loaded
-            assignments = ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
-            self._exec(cur, f"UPDATE endpoints SET {assignments} WHERE pk = ?", (*values, pk))
+            self._exec(cur, _UPDATE_ENDPOINT, (*values, pk))
             batch.clear.add(pk)
             batch.counts[_bucket(existing)] -= 1
         batch.counts[_bucket(endpoint)] += 1
@@ -628,7 +630,15 @@ class SqlStore(EndpointStore):
         self._check_attribute_names(cur, batch, endpoint)
         pk = self._save(cur, batch, loaded, endpoint)
         batch.rows[key] = (pk, endpoint)
-        if endpoint.address is not None:
+        # An endpoint that was ACTIVE at this address and channel already holds it alone: any
+        # later write of another endpoint at the address would have made it INACTIVE.
+        holds_address = (
+            existing is not None
+            and existing.endpoint_status is EndpointStatus.ACTIVE
+            and existing.address == endpoint.address
+            and existing.channel_type is endpoint.channel_type
+        )
+        if endpoint.address is not None and not holds_address:
             self._deactivate(
                 cur,
                 batch,
