@@ -167,7 +167,7 @@ def _run_pipeline(
         def progress(table: str, done: int, expected: int | None) -> None:
             if table not in tasks:
                 tasks[table] = bar.add_task(table, total=expected)
-            bar.update(tasks[table], completed=done)
+            bar.update(tasks[table], completed=done, total=expected)
 
         pipeline = Pipeline(settings, store, progress=progress, stages=stages)
         pipeline.start()

@@ -466,3 +466,48 @@ def test_no_reason_contains_the_phone_number() -> None:
     reasons.append(failed.failed)
     for reason in reasons:
         assert digits not in reason, reason
+
+
+def test_unchanged_toast_columns_keep_their_stored_value() -> None:
+    rule = MappingRule(
+        table="optin_status", address="phone", user_id="userid", opt_in="optin",
+        attributes=("bio",),
+    )  # fmt: skip
+    event = ChangeEvent(
+        op=Op.UPDATE,
+        table="optin_status",
+        key={"userid": "user1"},
+        position="0005",
+        after={"userid": "user1", "phone": "+12341111111", "optin": 0},
+        extra={"unchanged_toast": ["bio"]},
+    )
+    (patch,) = Mapper([rule]).map(event).writes
+    assert isinstance(patch, EndpointPatch)
+    assert patch.opt_out is OptOut.ALL
+    assert patch.attributes is None  # "bio" was not sent: the stored value stays
+
+    hidden_opt_in = ChangeEvent(
+        op=Op.UPDATE,
+        table="optin_status",
+        key={"userid": "user1"},
+        position="0006",
+        after={"userid": "user1", "phone": "+12341111111"},
+        extra={"unchanged_toast": ["optin"]},
+    )
+    (patch,) = Mapper([rule]).map(hidden_opt_in).writes
+    assert isinstance(patch, EndpointPatch)
+    assert patch.opt_out is None  # not "opted in", not "opted out": unchanged
+
+
+def test_unchanged_toast_in_the_id_is_refused_with_the_fix() -> None:
+    rule = MappingRule(table="t", address="phone", user_id="userid", opt_in="optin")
+    event = ChangeEvent(
+        op=Op.UPDATE,
+        table="t",
+        key={"id": 1},
+        position="0007",
+        after={"userid": "user1", "optin": 1},
+        extra={"unchanged_toast": ["phone"]},
+    )
+    with pytest.raises(MappingError, match="REPLICA IDENTITY FULL"):
+        Mapper([rule]).map(event)

@@ -216,20 +216,34 @@ def _new_id_differs(rule: MappingRule, event: ChangeEvent, old_id: str) -> bool:
         return True  # the new row names no endpoint: the old one is no longer backed by a row
 
 
+UNCHANGED_TOAST = "unchanged_toast"
+"""``ChangeEvent.extra`` key: columns a source left out of ``after`` because they did not change
+(PostgreSQL's unchanged TOAST values). They keep their stored value: never read as NULL."""
+
+
 def _upsert(rule: MappingRule, event: ChangeEvent) -> EndpointPatch:
     row = event.row
-    address = _address(rule, row)
-    opted_in = _opted_in(rule, row)
-    user_id = row.get(rule.user_id) if rule.user_id else None
+    unchanged = frozenset(event.extra.get(UNCHANGED_TOAST, ()))
+    hidden_id = unchanged.intersection(rule.id_columns)
+    if hidden_id:
+        raise MappingError(
+            f"column(s) {_names(sorted(hidden_id))} used by the endpoint id arrived as unchanged "
+            "TOAST values without their content: set REPLICA IDENTITY FULL on the table"
+        )
+    address = None if rule.address in unchanged else _address(rule, row)
+    opted_in = None if rule.opt_in in unchanged else _opted_in(rule, row)
+    user_id = row.get(rule.user_id) if rule.user_id and rule.user_id not in unchanged else None
+    attributes = [c for c in rule.attributes if c not in unchanged]
+    user_attributes = [c for c in rule.user_attributes if c not in unchanged]
     return EndpointPatch(
         id=_endpoint_id(rule, row),
         channel_type=rule.channel,
         address=address,
-        opt_out=OptOut.NONE if opted_in else OptOut.ALL,
+        opt_out=None if opted_in is None else (OptOut.NONE if opted_in else OptOut.ALL),
         user_id=str(user_id) if user_id is not None else None,
-        attributes=_copied(row, rule.attributes) if rule.attributes else None,
-        user_attributes=_copied(row, rule.user_attributes) if rule.user_attributes else None,
-        effective_date=_effective_date(rule, row),
+        attributes=_copied(row, tuple(attributes)) if attributes else None,
+        user_attributes=_copied(row, tuple(user_attributes)) if user_attributes else None,
+        effective_date=None if rule.effective_date in unchanged else _effective_date(rule, row),
         position=event.position,
     )
 

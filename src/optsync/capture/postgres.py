@@ -121,7 +121,7 @@ from optsync.capture.postgres_values import Converter, TypeCatalog, TypeInfo, co
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent, Op
 
-__all__ = ("SlotLost", "PostgresSource")
+__all__ = ("UNCHANGED_TOAST", "PostgresSource", "SlotLost")
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class PostgresSource(ChangeSource):
             facts = self._facts = check_server(cur)
             infos = describe_tables(cur, [self._refs[t] for t in self.tables])
             self._info = {i.ref.qualified: i for i in infos}
-            slot = self._existing_slot(cur, facts)
+            slot = self._existing_slot(cur, facts, saved.log_after)
         state = self._plan(saved, slot)
         needs_snapshot = state.phase == "snapshot"
         with self._translated("preflight"):
@@ -357,7 +357,9 @@ class PostgresSource(ChangeSource):
             format_lsn(state.log_after) if state.log_after is not None else "-",
         )
 
-    def _existing_slot(self, cur: Any, facts: ServerFacts) -> dict[str, Any] | None:
+    def _existing_slot(
+        self, cur: Any, facts: ServerFacts, expected: int | None
+    ) -> dict[str, Any] | None:
         """The slot's row if it exists, after checking it is ours, usable and free."""
         deadline = time.monotonic() + SLOT_BUSY_WAIT
         while True:
@@ -370,7 +372,7 @@ class PostgresSource(ChangeSource):
                     f"{facts.database!r} (plugin {slot.get('plugin')!r}, database "
                     f"{slot.get('database')!r}): give this source another name or slot"
                 )
-            self._check_not_lost(slot, None)
+            self._check_not_lost(slot, expected)
             pid = slot.get("active_pid")
             if not slot.get("active") or pid is None:
                 return slot
@@ -505,8 +507,11 @@ class PostgresSource(ChangeSource):
                 types = dict(zip(info.columns, info.column_types, strict=True))
                 converters = self._catalog.converters(types[c] for c in columns)
                 reader = TableReader(cur, info, columns, converters, row_filter)
+                expected = info.estimated_rows
+                if expected is None and progress is not None:
+                    expected = reader.count()  # never analyzed: usually small, count it
             if progress is not None:
-                progress(name, state.rows, info.estimated_rows)
+                progress(name, state.rows, expected)
             finished = False
             while not finished:
                 with self._translated("snapshot"):
@@ -534,7 +539,7 @@ class PostgresSource(ChangeSource):
                         )
                     self._state = state
                     if progress is not None:
-                        progress(name, state.rows, info.estimated_rows)
+                        progress(name, state.rows, expected)
                     yield CaptureBatch(events, state.dump(self.slot))
                 if not rows and finished:
                     state = replace(
@@ -871,7 +876,11 @@ class PostgresSource(ChangeSource):
     # -- acknowledge, close, slot management ------------------------------------------------
 
     def acknowledge(self, state: str) -> None:
-        """The stream holds everything up to ``state``: let the slot release the WAL before it."""
+        """The stream holds everything up to ``state``: let the slot release the WAL before it.
+
+        Only records the position (safe from any thread); the log loop confirms it to the
+        server at its next turn, and ``close`` confirms what is left.
+        """
         acked = _State.parse(state, self.name)
         if acked.phase == "log" and acked.log_after is not None:
             self._acked = max(self._acked, acked.log_after)

@@ -84,6 +84,12 @@ class TableReader:
             )
             self.pages = int(cur.fetchone()[0])
 
+    def count(self) -> int:
+        """The rows the snapshot holds (an exact count: a full scan)."""
+        where = f" WHERE {self.row_filter}" if self.row_filter else ""
+        self.cur.execute(f"SELECT count(*) FROM {self.table.ref.sql}{where}")
+        return int(self.cur.fetchone()[0])
+
     def read(self, after: Sequence[str | None] | None, page: int, limit: int) -> Chunk:
         """The next chunk: rows after the key ``after`` (keyed) or from ``page`` (keyless)."""
         if self.table.key:
