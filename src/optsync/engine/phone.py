@@ -35,6 +35,7 @@ Known divergences from Pinpoint:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -171,6 +172,7 @@ class PhoneValidation:
         return wire
 
 
+@functools.lru_cache(maxsize=65_536)  # the same numbers come back with every opt-in change
 def normalize(
     address: str,
     policy: PhonePolicy = PhonePolicy.POSSIBLE,
