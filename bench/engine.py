@@ -861,8 +861,7 @@ def bench_segments(sizes: Sizes, work: Path, report: Report) -> None:
                 "counts match data",
                 "median ms",
                 "p95 ms",
-                "total stmt ms",
-                "eligible stmt ms",
+                "statement ms",
             ],
             rows,
         )
