@@ -98,9 +98,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -116,7 +116,7 @@ from optsync.capture.mysql_connection import (
     query,
     translated,
 )
-from optsync.capture.mysql_log import Commit, Failure, Heartbeat, LogReader, iso_time
+from optsync.capture.mysql_log import Commit, Failure, Heartbeat, Item, LogReader, Note, iso_time
 from optsync.capture.mysql_position import CaptureState, GtidPosition, LogPosition, file_index
 from optsync.capture.mysql_preflight import ServerInfo, TableInfo, inspect_tables, preflight
 from optsync.capture.mysql_snapshot import Snapshot
@@ -432,30 +432,33 @@ class MySQLSource(ChangeSource):
 
     def _log(self, max_events: int) -> Iterator[CaptureBatch]:
         reader = self._start_reader()
-        items = reader.items
+        backlog: deque[Item] = deque()
         while not self._closed:
-            try:
-                item = items.get(timeout=self.idle_wait)
-            except queue.Empty:
-                yield CaptureBatch((), self._state.dump())
-                continue
+            if not backlog:
+                message = reader.get(self.idle_wait)
+                if message is None:
+                    yield CaptureBatch((), self._state.dump())
+                    continue
+                backlog.extend(message)
             events: list[ChangeEvent] = []
             state = self._state
-            while True:
+            while len(events) < max_events:
+                if not backlog:
+                    message = reader.get_nowait()
+                    if message is None:
+                        break
+                    backlog.extend(message)
+                item = backlog.popleft()
                 if isinstance(item, list):
                     events.extend(item)
                 elif isinstance(item, Commit):
                     state = state.with_log(item.log, iso_time(item.time))
                 elif isinstance(item, Heartbeat):
                     state = replace(state, source_time=iso_time(item.time))
+                elif isinstance(item, Note):
+                    logger.log(item.level, "%s", item.message)
                 else:
                     self._failed(item)
-                if len(events) >= max_events:
-                    break
-                try:
-                    item = items.get_nowait()
-                except queue.Empty:
-                    break
             self._state = state
             yield CaptureBatch(events, state.dump())
 

@@ -1,28 +1,39 @@
-"""The binlog reader: a thread that turns ``mysql-replication`` events into change events.
+"""The binlog reader: a process that turns ``mysql-replication`` events into change events.
 
-``LogReader`` runs ``BinLogStreamReader`` (blocking, with server heartbeats) in a daemon thread
-and puts what it reads on a bounded queue, in binlog order:
+``LogReader`` runs ``BinLogStreamReader`` (blocking, with server heartbeats) in a child process
+of its own and receives, in binlog order, lists of:
 
 - ``list[ChangeEvent]`` for each rows event of a captured table;
 - ``Commit`` after each transaction (any table's: an idle captured table's position still
   moves): the resume point after it, and its commit time;
 - ``Heartbeat`` when the server has sent everything (it sends one after ``HEARTBEAT``
   seconds without events): the capture has read the source up to now;
+- ``Note``: a log line of the child, logged again here;
 - ``Failure`` once, if reading stopped for any reason other than ``stop``.
 
+Why a process: decoding rows is pure Python. In a thread, the pipeline's apply thread holds the
+GIL for long stretches, and the reader, which gives the GIL up at every socket read, waits up
+to a switch interval (5 ms) to get it back, several times per event; at 1,000 commits/s it fell
+hundreds of milliseconds behind. In its own process it decodes on the other core. The child
+sends one message per transaction (or per ``FLUSH_EVENTS`` events of a large one), dies with
+its parent (``PR_SET_PDEATHSIG`` on Linux, and a parent check at every heartbeat) and is
+stopped with SIGTERM.
+
 The library's own reconnect (it re-requests the binlog from the *first* start position after a
-lost connection, re-reading everything) is disabled: a lost connection ends the thread with a
+lost connection, re-reading everything) is disabled: a lost connection ends the child with a
 ``Failure(Retryable)``, and the source starts a new reader from its last commit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
 import queue
 import re
-import socket
-import threading
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,7 +60,7 @@ from optsync.capture.mysql_values import RowDecoder, binlog_decoder
 from optsync.errors import Fatal, Retryable
 from optsync.events import ChangeEvent, Op
 
-__all__ = ("HEARTBEAT", "Commit", "Failure", "Heartbeat", "LogReader", "iso_time")
+__all__ = ("HEARTBEAT", "Commit", "Failure", "Heartbeat", "Item", "LogReader", "Note", "iso_time")
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +68,11 @@ HEARTBEAT: Final = 1.0
 """Seconds of binlog silence after which the server sends a heartbeat."""
 READ_TIMEOUT: Final = 30.0
 """Seconds without any packet (heartbeats included) before the connection counts as lost."""
-QUEUE_ITEMS: Final = 512
+QUEUE_MESSAGES: Final = 64
+FLUSH_EVENTS: Final = 1_000
+"""A transaction's events are sent in messages of about this many."""
+STOP_TIMEOUT: Final = 5.0
+_PR_SET_PDEATHSIG: Final = 1
 _MARIADB_STANDALONE: Final = 0x01
 """MariaDB GTID event flag FL_STANDALONE: a transaction of one statement (DDL), no COMMIT."""
 _DDL: Final = re.compile(r"^\s*(ALTER|CREATE|DROP|RENAME|TRUNCATE)\b", re.IGNORECASE)
@@ -74,9 +89,17 @@ class Commit:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """The server had nothing more to send at ``time`` (local clock)."""
+    """The server had nothing more to send at ``time``."""
 
     time: float
+
+
+@dataclass(frozen=True)
+class Note:
+    """A log line of the reader process."""
+
+    level: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ class Failure:
     error: Exception
 
 
-Item = list[ChangeEvent] | Commit | Heartbeat | Failure
+Item = list[ChangeEvent] | Commit | Heartbeat | Note | Failure
 
 
 def iso_time(epoch: float) -> str:
@@ -93,27 +116,22 @@ def iso_time(epoch: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-class _RefusedReconnect(logging.Filter):
-    """Drops the library's "Re-request the connection" warning: ``LogReader`` refuses that
-    reconnect (it would re-read from the first start position) and reports the loss itself."""
+@dataclass(frozen=True)
+class ReaderConfig:
+    """What the reader process needs (pickled into it)."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Re-request the connection" not in record.getMessage()
-
-
-logging.getLogger("pymysqlreplication").addFilter(_RefusedReconnect())
-
-
-class _Stopped(Exception):
-    """Raised into the library when it tries to reconnect after ``stop``."""
-
-
-class _Lost(Exception):
-    """Raised into the library when it tries to reconnect on its own."""
+    source: str
+    url: SourceURL
+    server_id: int
+    mariadb: bool
+    row_metadata: bool
+    start: LogPosition
+    lineage: int
+    tables: Mapping[str, TableInfo]
 
 
-class LogReader(threading.Thread):
-    """Reads the binlog from ``start`` (a transaction boundary) into ``items``."""
+class LogReader:
+    """The parent's handle of one binlog reader process, reading from ``start``."""
 
     def __init__(
         self,
@@ -127,50 +145,141 @@ class LogReader(threading.Thread):
         lineage: int,
         tables: Mapping[str, TableInfo],
     ) -> None:
-        super().__init__(name=f"binlog-{source}", daemon=True)
+        config = ReaderConfig(source, url, server_id, mariadb, row_metadata, start, lineage, tables)
+        context = multiprocessing.get_context("spawn")
         self.source = source
-        self.url = url
-        self.server_id = server_id
-        self.mariadb = mariadb
-        self.row_metadata = row_metadata
-        self.start_at = start
-        self.lineage = lineage
-        self.tables = {(t.schema, t.name): t for t in tables.values()}
-        self.items: queue.Queue[Item] = queue.Queue(QUEUE_ITEMS)
-        self._stopping = threading.Event()
-        self._connections: list[pymysql.Connection[Any]] = []
+        self._messages: Any = context.Queue(QUEUE_MESSAGES)
+        self._process = context.Process(
+            target=read_binlog,
+            args=(config, self._messages),
+            name=f"optsync-binlog-{source}",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._process.start()
+
+    def get(self, timeout: float) -> list[Item] | None:
+        """The next message (None when none came within ``timeout`` seconds)."""
+        try:
+            return list(self._messages.get(timeout=timeout))
+        except queue.Empty:
+            if not self._process.is_alive() and self._messages.empty():
+                code = self._process.exitcode
+                raise Retryable(
+                    f"source {self.source!r}: the binlog reader process exited ({code})"
+                ) from None
+            return None
+
+    def get_nowait(self) -> list[Item] | None:
+        try:
+            return list(self._messages.get_nowait())
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, then SIGKILL) and drop what it had not delivered."""
+        process = self._process
+        if process.is_alive():
+            process.terminate()
+            process.join(STOP_TIMEOUT)
+            if process.is_alive():
+                process.kill()
+                process.join(STOP_TIMEOUT)
+        elif process.pid is not None:
+            process.join(STOP_TIMEOUT)
+        self._messages.cancel_join_thread()
+        self._messages.close()
+        if process.exitcode is not None:
+            process.close()
+
+
+def read_binlog(config: ReaderConfig, messages: Any) -> None:
+    """The reader process: read until stopped or failed (``Failure`` then)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _Reader(config, messages, parent).run()
+
+
+class _RefusedReconnect(logging.Filter):
+    """Drops the library's "Re-request the connection" warning: the reader refuses that
+    reconnect (it would re-read from the first start position) and reports the loss itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Re-request the connection" not in record.getMessage()
+
+
+logging.getLogger("pymysqlreplication").addFilter(_RefusedReconnect())
+
+
+class _Orphaned(Exception):
+    """The parent process is gone."""
+
+
+class _Lost(Exception):
+    """Raised into the library when it tries to reconnect on its own."""
+
+
+class _Reader:
+    """Reads the binlog from ``config.start`` (a transaction boundary) into ``messages``."""
+
+    def __init__(self, config: ReaderConfig, messages: Any, parent: int) -> None:
+        self.source = config.source
+        self.url = config.url
+        self.server_id = config.server_id
+        self.mariadb = config.mariadb
+        self.row_metadata = config.row_metadata
+        self.start_at = config.start
+        self.lineage = config.lineage
+        self.tables = {(t.schema, t.name): t for t in config.tables.values()}
+        self.messages = messages
+        self.parent = parent
         self._opened = {"stream": False, "control": False}
-        self._lock = threading.Lock()
+        self._connections: list[pymysql.Connection[Any]] = []
         self._decoders: dict[int, tuple[Any, RowDecoder]] = {}
-        # Where the reader is (only the thread touches these).
-        self._file = start.file
-        self._file_number = file_index(start.file) if start.file else 0
-        self._gtids = GtidPosition.parse(start.gtid or "")
+        self._pending: list[Item] = []
+        self._pending_events = 0
+        # Where the reader is.
+        self._file = config.start.file
+        self._file_number = file_index(config.start.file) if config.start.file else 0
+        self._gtids = GtidPosition.parse(config.start.gtid or "")
         self._gtid: str | None = None
         self._commit_time: str | None = None
         self._explicit = False
         self._standalone = False
 
-    # -- control ---------------------------------------------------------------------------
+    # -- messages ---------------------------------------------------------------------------
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop reading: break the blocking read, wait for the thread, close connections."""
-        self._stopping.set()
-        with self._lock:
-            connections = list(self._connections)
-        for conn in connections:
-            sock = getattr(conn, "_sock", None)
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout)
-        self._close_connections()
+    def _emit(self, item: Item, *, flush: bool = False) -> None:
+        self._pending.append(item)
+        if isinstance(item, list):
+            self._pending_events += len(item)
+        if flush or self._pending_events >= FLUSH_EVENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        message, self._pending, self._pending_events = self._pending, [], 0
+        while True:
+            try:
+                self.messages.put(message, timeout=1.0)
+                return
+            except queue.Full:
+                self._check_parent()
+
+    def _check_parent(self) -> None:
+        if os.getppid() != self.parent:
+            raise _Orphaned
+
+    def _note(self, level: int, message: str) -> None:
+        self._emit(Note(level, message))
 
     def _connect(self, **settings: Any) -> pymysql.Connection[Any]:
         """The library's connection factory: one stream and one control connection, no more."""
-        if self._stopping.is_set():
-            raise _Stopped
         if "db" in settings:  # PyMySQL's deprecated spelling, used by the library
             settings["database"] = settings.pop("db")
         role = "control" if settings.get("database") == "information_schema" else "stream"
@@ -178,53 +287,41 @@ class LogReader(threading.Thread):
             raise _Lost(f"the binlog {role} connection was lost")
         self._opened[role] = True
         conn = pymysql.connect(**settings)
-        with self._lock:
-            self._connections.append(conn)
-        if self._stopping.is_set():
-            conn.close()
-            raise _Stopped
+        self._connections.append(conn)
         return conn
 
-    def _close_connections(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            with contextlib.suppress(Exception):  # closing a broken connection
-                conn.close()
-
-    def _put(self, item: Item) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.items.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    # -- the thread ------------------------------------------------------------------------
+    # -- the process ------------------------------------------------------------------------
 
     def run(self) -> None:
         stream: BinLogStreamReader | None = None
+        failure: Exception | None = None
         try:
             stream = self._open_stream()
             for event in stream:
-                if self._stopping.is_set():
-                    return
                 self._handle(event)
-        except _Stopped:
+        except _Orphaned:
+            self.messages.cancel_join_thread()  # nobody reads: do not wait to deliver
             return
         except _Lost as exc:
-            self._put(Failure(Retryable(f"source {self.source!r}: read binlog: {exc}")))
+            failure = Retryable(f"source {self.source!r}: read binlog: {exc}")
         except pymysql.err.MySQLError as exc:
-            if not self._stopping.is_set():
-                self._put(Failure(error_for(exc, self.source, "read binlog", self.url)))
-        except Exception as exc:  # handed to the capture thread
-            if not self._stopping.is_set():
-                self._put(Failure(_unexpected(self.source, exc)))
+            failure = error_for(exc, self.source, "read binlog", self.url)
+        except Exception as exc:  # handed to the capture
+            failure = _unexpected(self.source, exc)
         finally:
             if stream is not None:
                 with contextlib.suppress(Exception):  # the connection may be broken
                     stream.close()
-            self._close_connections()
+            for conn in self._connections:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        if failure is not None:
+            with contextlib.suppress(_Orphaned):
+                self._emit(Failure(failure), flush=True)
+        with contextlib.suppress(_Orphaned):
+            self._flush()
+        self.messages.close()
+        self.messages.join_thread()
 
     def _open_stream(self) -> BinLogStreamReader:
         position: dict[str, Any]
@@ -236,9 +333,8 @@ class LogReader(threading.Thread):
             position = {"log_file": self.start_at.file, "log_pos": self.start_at.pos}
         schemas = sorted({schema for schema, _ in self.tables})
         names = sorted({name for _, name in self.tables})
-        logger.info(
-            "binlog reader starting source=%s from=%s", self.source, self.start_at.describe()
-        )
+        self._note(logging.INFO, f"binlog reader started source={self.source} "
+                   f"from={self.start_at.describe()} pid={os.getpid()}")  # fmt: skip
         return BinLogStreamReader(
             connection_settings=self.url.binlog_settings(READ_TIMEOUT),
             server_id=self.server_id,
@@ -272,7 +368,7 @@ class LogReader(threading.Thread):
             if table is not None:
                 events = self._rows(event, table)
                 if events:
-                    self._put(events)
+                    self._emit(events)
         elif isinstance(event, XidEvent):
             self._commit(event.packet.log_pos, event.timestamp)
         elif isinstance(event, MariadbGtidEvent):
@@ -285,7 +381,8 @@ class LogReader(threading.Thread):
             self._file = str(event.next_binlog)
             self._file_number = file_index(self._file)
         elif isinstance(event, HeartbeatLogEvent):
-            self._put(Heartbeat(time.time()))
+            self._check_parent()
+            self._emit(Heartbeat(time.time()), flush=True)
         elif isinstance(event, XAPrepareEvent):
             raise Fatal(
                 f"source {self.source!r}: the binlog holds an XA PREPARE at {self._file}:"
@@ -312,15 +409,13 @@ class LogReader(threading.Thread):
             self._commit(event.packet.log_pos, event.timestamp)
             return
         if _DDL.match(text):
-            touched = [t.qualified for (s, n), t in self.tables.items() if n in text]
+            touched = [t.qualified for (_, n), t in self.tables.items() if n in text]
             if touched:
-                logger.info(
-                    "schema change source=%s tables=%s at=%s:%d (rows keep the columns their "
+                self._note(
+                    logging.INFO,
+                    f"schema change source={self.source} tables={','.join(touched)} "
+                    f"at={self._file}:{event.packet.log_pos} (rows keep the columns their "
                     "table map names)",
-                    self.source,
-                    ",".join(touched),
-                    self._file,
-                    event.packet.log_pos,
                 )
         if self._standalone or not self._explicit:
             self._commit(event.packet.log_pos, event.timestamp)  # DDL: its own transaction
@@ -329,7 +424,7 @@ class LogReader(threading.Thread):
         if self.mariadb and self._gtid is not None:
             self._gtids = self._gtids.advanced(self._gtid)
         gtid = str(self._gtids) if self.mariadb else None
-        self._put(Commit(LogPosition(self._file, int(end), gtid), float(timestamp)))
+        self._emit(Commit(LogPosition(self._file, int(end), gtid), float(timestamp)), flush=True)
         self._gtid = None
         self._explicit = False
         self._standalone = False

@@ -139,11 +139,15 @@ def _zero_datetime(fsp: int) -> str:
     return f"{ZERO_DATE}T00:00:00" + ("." + "0" * fsp if fsp > 0 else "")
 
 
+_TIMESPEC: Final = {0: "seconds", 3: "milliseconds", 6: "microseconds"}
+
+
 def _datetime_text(value: dt.datetime, fsp: int) -> str:
-    return (
-        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
-        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}{_fraction(value.microsecond, fsp)}"
-    )
+    """``YYYY-MM-DDTHH:MM:SS`` with ``fsp`` fraction digits (isoformat: C, zero-padded)."""
+    spec = _TIMESPEC.get(fsp)
+    if spec is not None:
+        return value.isoformat(timespec=spec)
+    return value.isoformat(timespec="microseconds")[: fsp - 6]
 
 
 def _time_text(value: dt.timedelta, fsp: int) -> str:
@@ -156,6 +160,9 @@ def _time_text(value: dt.timedelta, fsp: int) -> str:
 
 
 def _valid_date(text: str) -> bool:
+    day = text[8:10]
+    if text[0] != "0" and text[5:7] != "00" and day != "00" and int(day) <= 28:
+        return True  # the common case, without building a date
     try:
         dt.date(int(text[0:4]), int(text[5:7]), int(text[8:10]))
     except ValueError:
@@ -216,6 +223,12 @@ def snapshot_converter(kind: ColumnKind, fsp: int) -> Convert | None:
         return int
     if kind is ColumnKind.BINARY:
         return _hex
+    if kind is ColumnKind.TIMESTAMP:
+        zero = _zero_datetime(fsp)
+        return lambda raw: raw.replace(" ", "T", 1) + "Z" if _valid_date(raw) else zero
+    if kind is ColumnKind.DATETIME:
+        zero = _zero_datetime(fsp)
+        return lambda raw: raw.replace(" ", "T", 1) if _valid_date(raw) else zero
     return lambda raw: snapshot_value(kind, fsp, raw)
 
 
