@@ -7,9 +7,10 @@ capture needs (row binlog with full images and column metadata, GTID strict mode
 machine's own MariaDB (port 3306, its my.cnf) is left alone.
 
 The ``mariadb`` fixture (session-scoped; import ``mariadb_fixture`` into a test module to
-register it) starts one per test session. When the binaries
-are missing the tests are skipped, except under ``CI=true``, where they fail: a CI run that
-silently skipped the MariaDB suite would prove nothing.
+register it) starts one per test session. When the binaries are missing the tests are skipped,
+except under ``CI=true``, where they fail: a CI run that silently skipped the MariaDB suite
+would prove nothing. The server gets SIGTERM if the process that started it dies, so a killed
+test run leaves no server behind (its temporary folder stays).
 
 Use as a plain module too (``bench/mysql.py``)::
 
@@ -40,8 +41,8 @@ __all__ = ("INSTALL_DB", "MARIADBD", "MariaDBServer", "mariadb_fixture", "requir
 MARIADBD = Path(os.environ.get("OPTSYNC_TEST_MARIADBD", "/usr/sbin/mariadbd"))
 INSTALL_DB = Path(os.environ.get("OPTSYNC_TEST_MARIADB_INSTALL_DB", "/usr/bin/mariadb-install-db"))
 START_TIMEOUT = 60.0
-_PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 30.0
+_PR_SET_PDEATHSIG = 1
 
 CAPTURE_SETTINGS: tuple[str, ...] = (
     "--log-bin",
@@ -69,13 +70,9 @@ def require_binaries() -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child: SIGTERM when the process that started the server dies (Linux), so a
-    killed test run leaves no server behind."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    """In the server's process, before exec: SIGTERM when its parent dies (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
