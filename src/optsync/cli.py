@@ -322,7 +322,9 @@ def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
     try:
         ensure_app(store, settings.app)
         verifier = _verifier(settings, insecure_no_auth) if settings.serve_api else None
-        banner = [f"Capturing {settings.source.url} tables {', '.join(settings.source.tables)}"]
+        banner = [
+            f"Capturing {settings.source.redacted_url} tables {', '.join(settings.source.tables)}"
+        ]
         if settings.serve_api:
             url = f"http://{settings.api.host}:{settings.api.port}"
             banner.append(f"Pinpoint API on {url}, console on {url}/console")
@@ -337,7 +339,15 @@ def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
 @click.option("--resnapshot", is_flag=True, help="Forget the saved position; snapshot again.")
 @click.option("--drop-slot", is_flag=True, help="PostgreSQL: drop the replication slot and exit.")
-def capture(config_path: Path, resnapshot: bool, drop_slot: bool) -> None:
+@click.option(
+    "--start-position",
+    metavar="POSITION",
+    help="MySQL/MariaDB: read the log from this GTID position (0-1-57) or FILE:POS, without a "
+    "snapshot; changes before it are not captured.",
+)
+def capture(
+    config_path: Path, resnapshot: bool, drop_slot: bool, start_position: str | None
+) -> None:
     """Run only the capture stage (scale-out: apply runs in other processes)."""
     settings = load_settings(config_path)
     if settings.source is None:
@@ -350,6 +360,20 @@ def capture(config_path: Path, resnapshot: bool, drop_slot: bool) -> None:
         drop()
         click.echo(f"dropped the replication slot of {source.name}")
         return
+    if resnapshot and start_position:
+        raise ConfigError("--resnapshot and --start-position are two ways out: pick one")
+    if start_position:
+        state_at = getattr(source, "state_at", None)
+        if state_at is None:
+            raise ConfigError(
+                f"--start-position is not available for {settings.source.scheme} sources"
+            )
+        stream = EmbeddedStream(settings.stream_path)
+        try:
+            stream.append([], Checkpoint(source.name, state_at(start_position)))
+        finally:
+            stream.close()
+        click.echo(f"{source.name}: the next start reads the log from {start_position}")
     if resnapshot:
         fresh = getattr(source, "resnapshot_state", None)
         if fresh is None:
@@ -367,7 +391,7 @@ def capture(config_path: Path, resnapshot: bool, drop_slot: bool) -> None:
             dataclasses.replace(settings, serve_api=False),
             store,
             None,
-            [f"Capturing {settings.source.url} into {settings.stream_path}"],
+            [f"Capturing {settings.source.redacted_url} into {settings.stream_path}"],
             stages=("capture",),
         )
     finally:
@@ -418,7 +442,11 @@ def status(config_path: Path | None, data_dir: Path | None) -> None:
     table.add_column("position")
     table.add_column("lag")
     state = report.capture_state or {}
-    capture_pos = state.get("log_after", state.get("phase", "not started"))
+    log = state.get("log")
+    if isinstance(log, dict):  # MySQL/MariaDB: a GTID position or file:pos
+        capture_pos = log.get("gtid") or f"{log.get('file')}:{log.get('pos')}"
+    else:
+        capture_pos = state.get("log_after", state.get("phase", "not started"))
     table.add_row("capture", f"{state.get('phase', '-')} {capture_pos}", "-")
     table.add_row("stream", f"head {report.stream_head}", "-")
     table.add_row(

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from optsync.api.sigv4 import parse_credentials
 from optsync.apply.mapping import MappingRule
@@ -64,6 +65,15 @@ class SourceSettings:
     @property
     def scheme(self) -> str:
         return self.url.split(":", 1)[0].lower()
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with its password replaced, for banners and logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
 
     @property
     def source_name(self) -> str:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from optsync.config import load_or_create_credentials, load_settings
+from optsync.config import SourceSettings, load_or_create_credentials, load_settings
 from optsync.engine.phone import PhonePolicy
 from optsync.errors import ConfigError
 
@@ -61,3 +61,11 @@ def test_credentials_created_once(tmp_path: Path) -> None:
     assert created and not created_again
     assert first == again and len(first) == 1
     assert (tmp_path / "credentials").stat().st_mode & 0o777 == 0o600
+
+
+def test_source_url_password_is_redacted_for_banners() -> None:
+    source = SourceSettings(url="mariadb://optsync:s3cret@db:3306/blog_db", tables=("t",))
+    assert source.redacted_url == "mariadb://optsync:***@db:3306/blog_db"
+    assert "s3cret" not in source.redacted_url
+    plain = SourceSettings(url="sqlite:///optsync-data/app.db", tables=("t",))
+    assert plain.redacted_url == "sqlite:///optsync-data/app.db"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import pymysql
@@ -231,12 +232,13 @@ class Snapshot:
         (now,) = query(conn, "SELECT UNIX_TIMESTAMP()")[0]
         log = LogPosition(file, offset, gtid)
         logger.info(
-            "snapshot coordinates source=%s file=%s pos=%d gtid=%s lineage=%d",
+            "snapshot coordinates source=%s file=%s pos=%d gtid=%s lineage=%s",
             self.source,
             file,
             offset,
             gtid,
-            int(now),
+            # as a time: a bare ten-digit number would be masked as a phone number
+            datetime.fromtimestamp(int(now), UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         return replace(state, lineage=int(now), server_id=self.server.server_id, log=log)
 
