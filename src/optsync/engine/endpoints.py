@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from optsync.engine.models import (
     ChannelType,
-    Demographic,
     Endpoint,
     EndpointPatch,
     EndpointStatus,
@@ -180,7 +179,7 @@ def merge(
         user_attributes=_merge_lists(existing.user_attributes, patch.user_attributes),
         attributes=_merge_lists(existing.attributes, patch.attributes),
         metrics=metrics,
-        demographic=existing.demographic.merged(patch.demographic or Demographic()),
+        demographic=existing.demographic.merged(patch.demographic),
         location=location,
         source_position=patch.position or existing.source_position,
     )
@@ -198,6 +197,8 @@ def merge(
 def _rough_size(endpoint: Endpoint) -> int:
     """An over-estimate of the endpoint's JSON size from its string lengths (UTF-8 <= 4x)."""
     total = len(endpoint.address or "")
+    if not (endpoint.attributes or endpoint.user_attributes or endpoint.metrics):
+        return 4 * total + 1024
     for values in (endpoint.attributes, endpoint.user_attributes):
         total += sum(len(k) + 6 + sum(len(v) + 3 for v in items) for k, items in values.items())
     total += sum(len(k) + 30 for k in endpoint.metrics)

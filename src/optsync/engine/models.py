@@ -154,8 +154,10 @@ _D = TypeVar("_D", Demographic, Location)
 def _merge_fields(base: _D, patch: _D | None) -> _D:
     if patch is None:
         return base
-    given = {f.name: getattr(patch, f.name) for f in dataclasses.fields(patch)}
-    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in patch.__dict__.items() if v is not None}
+    if not given:
+        return base
+    return dataclasses.replace(base, **given)
 
 
 @dataclass(frozen=True)

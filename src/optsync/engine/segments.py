@@ -23,6 +23,7 @@ Not supported, refused with a 400 naming the field: ``Location.GPSPoint`` and ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,6 +48,8 @@ __all__ = (
     "SetDimension",
     "SourceSegment",
     "CompiledFilter",
+    "DrivenFilter",
+    "compile_driven",
     "compile_filter",
     "compile_segment",
     "definition_from_wire",
@@ -473,41 +476,46 @@ class _Sql:
             return f"({column} IS NOT NULL AND {column} IN ({marks}))"
         return f"({column} IS NULL OR {column} NOT IN ({marks}))"
 
-    def attribute_filter(self, kind: str, name: str, dim: AttributeDimension) -> str:
-        self.side_tables = True
+    def attribute_condition(self, alias: str, kind: str, name: str, dim: AttributeDimension) -> str:
+        """The rows of ``endpoint_attributes {alias}`` whose value satisfies ``dim``
+        (EXCLUSIVE as if INCLUSIVE: the caller negates)."""
         head = (
-            "e.pk IN (SELECT a.endpoint_pk FROM endpoint_attributes a WHERE a.app_id = "
-            f"{self.bind(self.app_id)} AND a.kind = {self.bind(kind)} AND a.name = "
-            f"{self.bind(name)} AND "
+            f"{alias}.app_id = {self.bind(self.app_id)} AND {alias}.kind = {self.bind(kind)} "
+            f"AND {alias}.name = {self.bind(name)} AND "
         )
         t = dim.attribute_type
         if t in (AttributeType.INCLUSIVE, AttributeType.EXCLUSIVE):
-            cond = f"a.value IN ({self.bind(*dim.values)})"
-        elif t is AttributeType.CONTAINS:
+            return head + f"{alias}.value IN ({self.bind(*dim.values)})"
+        if t is AttributeType.CONTAINS:
             parts = []
             for v in dim.values:
-                parts.append(self.dialect.contains.format(column="a.value"))
+                parts.append(self.dialect.contains.format(column=f"{alias}.value"))
                 self.params.append(v)
-            cond = "(" + " OR ".join(parts) + ")"
-        else:
-            instants = [iso_instant_ms(v) for v in dim.values]
-            assert all(i is not None for i in instants)  # checked when the segment was written
-            if t is AttributeType.BEFORE:
-                cond = f"a.value_ts < {self.bind(instants[0])}"
-            elif t is AttributeType.AFTER:
-                cond = f"a.value_ts > {self.bind(instants[0])}"
-            elif t is AttributeType.ON:
-                day = datetime.fromtimestamp((instants[0] or 0) / 1000, UTC).replace(
-                    hour=0, minute=0, second=0, microsecond=0
-                )
-                start = int(day.timestamp() * 1000)
-                end = int((day + timedelta(days=1)).timestamp() * 1000)
-                cond = f"a.value_ts >= {self.bind(start)} AND a.value_ts < {self.bind(end)}"
-            else:
-                low, high = sorted(i or 0 for i in instants)
-                cond = f"a.value_ts BETWEEN {self.bind(low)} AND {self.bind(high)}"
-        sql = head + cond + ")"
-        return f"NOT ({sql})" if t is AttributeType.EXCLUSIVE else sql
+            return head + "(" + " OR ".join(parts) + ")"
+        instants = [iso_instant_ms(v) for v in dim.values]
+        assert all(i is not None for i in instants)  # checked when the segment was written
+        ts = f"{alias}.value_ts"
+        if t is AttributeType.BEFORE:
+            return head + f"{ts} < {self.bind(instants[0])}"
+        if t is AttributeType.AFTER:
+            return head + f"{ts} > {self.bind(instants[0])}"
+        if t is AttributeType.ON:
+            day = datetime.fromtimestamp((instants[0] or 0) / 1000, UTC).replace(
+                hour=0, minute=0, second=0, microsecond=0
+            )
+            start = int(day.timestamp() * 1000)
+            end = int((day + timedelta(days=1)).timestamp() * 1000)
+            return head + f"{ts} >= {self.bind(start)} AND {ts} < {self.bind(end)}"
+        low, high = sorted(i or 0 for i in instants)
+        return head + f"{ts} BETWEEN {self.bind(low)} AND {self.bind(high)}"
+
+    def attribute_filter(self, kind: str, name: str, dim: AttributeDimension) -> str:
+        self.side_tables = True
+        sql = (
+            "e.pk IN (SELECT a.endpoint_pk FROM endpoint_attributes a WHERE "
+            f"{self.attribute_condition('a', kind, name, dim)})"
+        )
+        return f"NOT ({sql})" if dim.attribute_type is AttributeType.EXCLUSIVE else sql
 
     def dimensions(self, d: SegmentDimensions) -> str:
         parts: list[str] = []
@@ -606,6 +614,90 @@ def compile_segment(
     sql = _Sql(app_id=app_id, dialect=dialect or Dialect(), resolve=resolve)
     text = sql.definition(definition, 0)
     return CompiledFilter(text, sql.params, frozenset(sql.columns), sql.side_tables)
+
+
+@dataclass(frozen=True)
+class DrivenFilter:
+    """A segment split for counting from the attribute table: one attribute condition that
+    every match must meet (the driver, over ``endpoint_attributes d``) and the rest."""
+
+    driver_sql: str
+    driver_params: list[Any]
+    distinct: bool
+    """One endpoint can match the driver with several rows: count it once."""
+    rest: CompiledFilter
+
+
+def _without(dims: SegmentDimensions, kind: str, name: str) -> SegmentDimensions:
+    if kind == "A":
+        kept = {k: v for k, v in dims.attributes.items() if k != name}
+        return dataclasses.replace(dims, attributes=kept)
+    kept = {k: v for k, v in dims.user_attributes.items() if k != name}
+    return dataclasses.replace(dims, user_attributes=kept)
+
+
+def _driver_in(dims: SegmentDimensions) -> tuple[str, str, AttributeDimension] | None:
+    for kind, attrs in (("A", dims.attributes), ("U", dims.user_attributes)):
+        for name, dim in attrs.items():
+            if dim.attribute_type is not AttributeType.EXCLUSIVE:
+                return kind, name, dim
+    return None
+
+
+def _split(
+    definition: SegmentDefinition,
+) -> tuple[tuple[str, str, AttributeDimension], SegmentDefinition] | None:
+    """A positive attribute dimension that the whole filter requires, and the filter without it."""
+    if definition.groups is None:
+        dims = definition.dimensions
+        found = _driver_in(dims) if dims is not None else None
+        if dims is None or found is None:
+            return None
+        return found, dataclasses.replace(definition, dimensions=_without(dims, *found[:2]))
+    groups = definition.groups
+    if groups.include is Combine.NONE or (
+        groups.include is Combine.ANY and len(groups.groups) != 1
+    ):
+        return None
+    for gi, group in enumerate(groups.groups):
+        if group.type is Combine.NONE or (group.type is Combine.ANY and len(group.dimensions) != 1):
+            continue
+        for di, dims in enumerate(group.dimensions):
+            found = _driver_in(dims)
+            if found is None:
+                continue
+            kept = list(group.dimensions)
+            kept[di] = _without(dims, *found[:2])
+            new_groups = list(groups.groups)
+            new_groups[gi] = dataclasses.replace(group, dimensions=tuple(kept))
+            rest = dataclasses.replace(
+                definition, groups=dataclasses.replace(groups, groups=tuple(new_groups))
+            )
+            return found, rest
+    return None
+
+
+def compile_driven(
+    definition: SegmentDefinition,
+    *,
+    app_id: str,
+    resolve: SourceResolver,
+    dialect: Dialect | None = None,
+) -> DrivenFilter | None:
+    """Split off a driving attribute condition, or None when the filter has none."""
+    split = _split(definition)
+    if split is None:
+        return None
+    (kind, name, dim), rest = split
+    sql = _Sql(app_id=app_id, dialect=dialect or Dialect(), resolve=resolve)
+    driver = sql.attribute_condition("d", kind, name, dim)
+    single = dim.attribute_type is AttributeType.INCLUSIVE and len(set(dim.values)) == 1
+    return DrivenFilter(
+        driver_sql=driver,
+        driver_params=sql.params,
+        distinct=not single,
+        rest=compile_segment(rest, app_id=app_id, resolve=resolve, dialect=dialect),
+    )
 
 
 def compile_filter(

@@ -7,11 +7,9 @@ driver wants another paramstyle rewrite them in ``_sql``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import uuid
 from abc import abstractmethod
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -19,15 +17,10 @@ from typing import Any, Protocol
 
 from optsync.engine.countries import to_alpha2
 from optsync.engine.endpoints import (
-    MAX_ATTRIBUTE_NAMES_PER_APP,
-    MAX_ENDPOINTS_PER_USER,
     CountryDerivation,
     endpoint_key,
-    merge,
-    validate_patch,
 )
 from optsync.engine.models import (
-    PUSH_TOKEN_CHANNELS,
     App,
     Cause,
     CauseKind,
@@ -49,6 +42,7 @@ from optsync.engine.models import (
 from optsync.engine.segments import (
     Dialect,
     SegmentDefinition,
+    compile_driven,
     compile_filter,
     compile_segment,
     definition_from_wire,
@@ -56,7 +50,8 @@ from optsync.engine.segments import (
     iso_instant_ms,
 )
 from optsync.engine.store import EndpointStore, Segment
-from optsync.errors import InvalidRequest, LimitExceeded, NotFound
+from optsync.engine.writes import WriteBatch, bucket
+from optsync.errors import InvalidRequest, NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
 
@@ -96,13 +91,19 @@ _ENDPOINT_COLUMNS = (
 _UPDATE_ENDPOINT = "UPDATE endpoints SET {} WHERE pk = ?".format(
     ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
 )
-_INSERT_ENDPOINT = "INSERT INTO endpoints ({}) VALUES ({}) RETURNING pk".format(
+_INSERT_ENDPOINT = "INSERT INTO endpoints (pk, {}) VALUES (?, {})".format(
     _ENDPOINT_COLUMNS, ", ".join("?" for _ in _ENDPOINT_COLUMNS.split(","))
 )
+_INSERT_ATTRIBUTE = (
+    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, value_ts, "
+    "country_code, channel_type, status, opt_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+def _dump_lists(values: Mapping[str, Sequence[str]]) -> str:
+    return _dumps({k: list(v) for k, v in values.items()}) if values else "{}"
 
 
 def _lists(text: str | None) -> dict[str, tuple[str, ...]]:
@@ -178,9 +179,9 @@ def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
         demo.platform,
         demo.platform_version,
         demo.timezone,
-        _dumps({k: list(v) for k, v in e.attributes.items()}),
-        _dumps({k: list(v) for k, v in e.user_attributes.items()}),
-        _dumps(dict(e.metrics)),
+        _dump_lists(e.attributes),
+        _dump_lists(e.user_attributes),
+        _dumps(dict(e.metrics)) if e.metrics else "{}",
         e.source_position,
     )
 
@@ -189,32 +190,27 @@ _ROLLUP_COLUMNS = frozenset({"country_code", "channel_type"})
 _CHUNK = 500
 
 
-def _bucket(e: Endpoint) -> tuple[str, str, str, str]:
-    """The rollup row an endpoint counts in: (country, channel, status, opt-out)."""
-    country = to_alpha2(e.location.country) if e.location.country else None
-    return (country or "", e.channel_type.value, e.endpoint_status.value, e.opt_out.value)
+def _side_of(e: Endpoint) -> tuple[object, ...]:
+    """What an endpoint's attribute and metric rows hold; they are rewritten when it changes."""
+    return (e.attributes, e.user_attributes, e.metrics, bucket(e))
+
+
+def _attribute_rows(pk: int, e: Endpoint) -> list[tuple[Any, ...]]:
+    """One row per attribute value, each with the endpoint's rollup columns copied in.
+
+    The copies let an attribute segment be counted from the attribute index alone.
+    """
+    country, channel, status, opt_out = bucket(e)
+    return [
+        (pk, e.app_id, kind, name, value, iso_instant_ms(value), country, channel, status, opt_out)
+        for kind, values in (("A", e.attributes), ("U", e.user_attributes))
+        for name, items in values.items()
+        for value in dict.fromkeys(items)
+    ]
 
 
 def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
-
-
-@dataclass
-class _Batch:
-    """One write transaction: rows read once up front, side rows and history written at the end."""
-
-    app_id: str
-    now: str
-    rows: dict[str, tuple[int, Endpoint] | None] = field(default_factory=dict)
-    """id_key -> (pk, endpoint) as the batch has left it; None: no endpoint."""
-    tombs: dict[str, str] = field(default_factory=dict)
-    names: set[tuple[str, str]] | None = None
-    side: dict[int, Endpoint] = field(default_factory=dict)
-    """pk -> endpoint whose attribute and metric rows are written at the end."""
-    clear: set[int] = field(default_factory=set)
-    """pks whose old attribute and metric rows are removed at the end."""
-    history: list[tuple[Any, ...]] = field(default_factory=list)
-    counts: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
 
 
 def _offset(token: str | None) -> int:
@@ -441,24 +437,64 @@ class SqlStore(EndpointStore):
         ).fetchone()
         return (int(row[0]), _row_to_endpoint(row[1:])) if row else None
 
-    def _begin_batch(
-        self, cur: Cursor, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete]
-    ) -> _Batch:
-        """Read every endpoint and tombstone the writes touch, in a few statements."""
-        batch = _Batch(app_id=app_id, now=iso_now())
-        keys = sorted({endpoint_key(w.id) for w in writes})
-        positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
-        for chunk in _chunks(keys):
+    def _select_in(
+        self, cur: Cursor, app_id: str, column: str, values: set[str], extra: str = ""
+    ) -> list[tuple[int, Endpoint]]:
+        """Endpoints of the app whose ``column`` is one of ``values``, in chunks."""
+        found: list[tuple[int, Endpoint]] = []
+        for chunk in _chunks(sorted(values)):
             marks = ", ".join("?" for _ in chunk)
-            for row in self._exec(
+            rows = self._exec(
                 cur,
                 f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND "
-                f"id_key IN ({marks})",
+                f"{column} IN ({marks}){extra}",
                 (app_id, *chunk),
-            ).fetchall():
-                batch.rows[row[3]] = (int(row[0]), _row_to_endpoint(row[1:]))
-        for key in keys:
-            batch.rows.setdefault(key, None)
+            ).fetchall()
+            found.extend((int(r[0]), _row_to_endpoint(r[1:])) for r in rows)
+        return found
+
+    def _next_pk(self, cur: Cursor) -> int:
+        """The first primary key free for new endpoints (the write transaction holds the lock)."""
+        row = self._exec(cur, "SELECT COALESCE(MAX(pk), 0) + 1 FROM endpoints").fetchone()
+        return int(row[0])
+
+    def _begin_batch(
+        self, cur: Cursor, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete]
+    ) -> WriteBatch:
+        """Read every row the writes can touch (see ``optsync.engine.writes``), in a few statements.
+
+        The endpoints named by the writes; every ACTIVE endpoint at an address they set or
+        hold (same-address deactivation); every endpoint of a UserId they set or hold (the
+        per-user cap and UserAttributes); their tombstones and the app's attribute names.
+        """
+        names = {
+            (k, n)
+            for k, n in self._exec(
+                cur, "SELECT kind, name FROM attribute_names WHERE app_id = ?", (app_id,)
+            ).fetchall()
+        }
+        batch = WriteBatch(
+            app_id=app_id,
+            now=iso_now(),
+            country=self.settings.country,
+            next_pk=self._next_pk(cur),
+            names=names,
+        )
+        keys = {endpoint_key(w.id) for w in writes}
+        named = self._select_in(cur, app_id, "id_key", keys)
+        batch.load(named)
+        addresses = {w.address for w in writes if isinstance(w, EndpointPatch) and w.address}
+        users = {w.user_id for w in writes if isinstance(w, EndpointPatch) and w.user_id}
+        for _, e in named:
+            if e.address:
+                addresses.add(e.address)
+            if e.user_id:
+                users.add(e.user_id)
+        if addresses:
+            batch.load(self._select_in(cur, app_id, "address", addresses, " AND status = 'ACTIVE'"))
+        if users:
+            batch.load(self._select_in(cur, app_id, "user_id", users))
+        positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
         for chunk in _chunks(positioned):
             marks = ", ".join("?" for _ in chunk)
             for key, position in self._exec(
@@ -469,251 +505,33 @@ class SqlStore(EndpointStore):
                 batch.tombs[key] = position
         return batch
 
-    def _current(self, cur: Cursor, batch: _Batch, key: str) -> tuple[int, Endpoint] | None:
-        if key not in batch.rows:  # changed behind the cache by a statement of this batch
-            batch.rows[key] = self._load(cur, batch.app_id, key)
-        return batch.rows[key]
-
-    def _record(
-        self,
-        batch: _Batch,
-        endpoint: Endpoint,
-        before: OptOut | None,
-        after: OptOut | None,
-        cause: Cause,
-    ) -> None:
-        batch.history.append(
-            (
-                batch.app_id,
-                endpoint_key(endpoint.id),
-                endpoint.id,
-                batch.now,
-                before.value if before else None,
-                after.value if after else None,
-                endpoint.address,
-                cause.kind.value,
-                cause.ref,
-            )
-        )
-
-    def _check_attribute_names(self, cur: Cursor, batch: _Batch, endpoint: Endpoint) -> None:
-        names = {("A", n) for n in endpoint.attributes}
-        names |= {("U", n) for n in endpoint.user_attributes}
-        names |= {("M", n) for n in endpoint.metrics}
-        if not names:
-            return
-        if batch.names is None:
-            batch.names = {
-                (k, n)
-                for k, n in self._exec(
-                    cur, "SELECT kind, name FROM attribute_names WHERE app_id = ?", (batch.app_id,)
-                ).fetchall()
-            }
-        new = names - batch.names
-        if not new:
-            return
-        if len(batch.names) + len(new) > MAX_ATTRIBUTE_NAMES_PER_APP:
-            raise LimitExceeded(
-                f"Too many custom attributes: an app holds at most {MAX_ATTRIBUTE_NAMES_PER_APP} "
-                "distinct Attributes, UserAttributes and Metrics names together"
-            )
-        cur.executemany(
-            self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
-            [(batch.app_id, k, n) for k, n in sorted(new)],
-        )
-        batch.names |= new
-
-    def _save(
-        self, cur: Cursor, batch: _Batch, loaded: tuple[int, Endpoint] | None, endpoint: Endpoint
-    ) -> int:
-        values = _endpoint_values(endpoint)
-        if loaded is None:
-            row = self._exec(cur, _INSERT_ENDPOINT, values).fetchone()
-            pk = int(row[0])
-        else:
-            pk, existing = loaded
-            self._exec(cur, _UPDATE_ENDPOINT, (*values, pk))
-            batch.clear.add(pk)
-            batch.counts[_bucket(existing)] -= 1
-        batch.counts[_bucket(endpoint)] += 1
-        batch.side[pk] = endpoint
-        return pk
-
-    def _deactivate(self, cur: Cursor, batch: _Batch, where: str, params: Sequence[Any]) -> None:
-        """Set matching ACTIVE endpoints INACTIVE, keeping the rollup and the cache right."""
-        rows = self._exec(
-            cur,
-            f"UPDATE endpoints SET status = 'INACTIVE' WHERE app_id = ? AND status = 'ACTIVE' "
-            f"AND {where} RETURNING id_key, country_code, channel_type, opt_out",
-            (batch.app_id, *params),
-        ).fetchall()
-        for key, country, channel, opt_out in rows:
-            batch.counts[(country or "", channel, "ACTIVE", opt_out)] -= 1
-            batch.counts[(country or "", channel, "INACTIVE", opt_out)] += 1
-            batch.rows.pop(key, None)
-
-    def _join_user(self, cur: Cursor, batch: _Batch, endpoint: Endpoint, key: str) -> Endpoint:
-        """An endpoint joins a UserId: enforce 15 endpoints per user, take on its attributes.
-
-        At the cap, push-token channels retire the user's oldest push endpoint (INACTIVE, no
-        UserId); other channels are refused. The joining endpoint gets the user's
-        UserAttributes, its own given ones winning.
-        """
-        rows = self._exec(
-            cur,
-            "SELECT pk, channel_type, effective_date, id_key, user_attributes FROM endpoints "
-            "WHERE app_id = ? AND user_id = ? AND id_key <> ?",
-            (endpoint.app_id, endpoint.user_id, key),
-        ).fetchall()
-        if len(rows) >= MAX_ENDPOINTS_PER_USER:
-            push = [r for r in rows if ChannelType(r[1]) in PUSH_TOKEN_CHANNELS]
-            if endpoint.channel_type not in PUSH_TOKEN_CHANNELS or not push:
-                raise LimitExceeded(
-                    f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
-                    f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
-                )
-            oldest = min(push, key=lambda r: (r[2] or "", r[0]))
-            self._deactivate(cur, batch, "pk = ?", (oldest[0],))
-            self._exec(cur, "UPDATE endpoints SET user_id = NULL WHERE pk = ?", (oldest[0],))
-            batch.rows.pop(oldest[3], None)
-            rows = [r for r in rows if r[0] != oldest[0]]
-        if not rows:
-            return endpoint
-        merged = {**_lists(rows[0][4]), **endpoint.user_attributes}
-        return dataclasses.replace(endpoint, user_attributes=merged)
-
-    def _sync_user_attributes(
-        self, cur: Cursor, batch: _Batch, endpoint: Endpoint, patch: EndpointPatch
-    ) -> None:
-        """Pinpoint keeps UserAttributes the same on every endpoint of one UserId."""
-        rows = self._exec(
-            cur,
-            f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND user_id = ? "
-            "AND id_key <> ?",
-            (endpoint.app_id, endpoint.user_id, endpoint_key(endpoint.id)),
-        ).fetchall()
-        for row in rows:
-            other = _row_to_endpoint(row[1:])
-            merged = {**other.user_attributes, **(patch.user_attributes or {})}
-            if merged != dict(other.user_attributes):
-                pk = int(row[0])
-                self._exec(
-                    cur,
-                    "UPDATE endpoints SET user_attributes = ? WHERE pk = ?",
-                    (_dumps({k: list(v) for k, v in merged.items()}), pk),
-                )
-                updated = dataclasses.replace(other, user_attributes=merged)
-                batch.clear.add(pk)
-                batch.side[pk] = updated
-                batch.rows[endpoint_key(other.id)] = (pk, updated)
-
-    def _upsert(self, cur: Cursor, batch: _Batch, patch: EndpointPatch, cause: Cause) -> bool:
-        key = endpoint_key(patch.id)
-        loaded = self._current(cur, batch, key)
-        existing = loaded[1] if loaded else None
-        if patch.position is not None:
-            held = [p for p in (existing and existing.source_position, batch.tombs.get(key)) if p]
-            if held and max(held) >= patch.position:
-                return False
-        validate_patch(patch)
-        request_id = cause.ref if cause.kind is CauseKind.API else uuid.uuid4().hex
-        endpoint = merge(
-            existing,
-            patch,
-            app_id=batch.app_id,
-            now=batch.now,
-            request_id=request_id,
-            country=self.settings.country,
-        )
-        if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
-            endpoint = self._join_user(cur, batch, endpoint, key)
-        self._check_attribute_names(cur, batch, endpoint)
-        pk = self._save(cur, batch, loaded, endpoint)
-        batch.rows[key] = (pk, endpoint)
-        # An endpoint that was ACTIVE at this address and channel already holds it alone: any
-        # later write of another endpoint at the address would have made it INACTIVE.
-        holds_address = (
-            existing is not None
-            and existing.endpoint_status is EndpointStatus.ACTIVE
-            and existing.address == endpoint.address
-            and existing.channel_type is endpoint.channel_type
-        )
-        if endpoint.address is not None and not holds_address:
-            self._deactivate(
-                cur,
-                batch,
-                "address = ? AND channel_type = ? AND id_key <> ?",
-                (endpoint.address, endpoint.channel_type.value, key),
-            )
-        if patch.user_attributes and endpoint.user_id:
-            self._sync_user_attributes(cur, batch, endpoint, patch)
-        before = existing.opt_out if existing else None
-        if before is not endpoint.opt_out:
-            self._record(batch, endpoint, before, endpoint.opt_out, cause)
-        if patch.position is not None and batch.tombs.pop(key, None) is not None:
-            self._exec(
-                cur, "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?", (batch.app_id, key)
-            )
-        return True
-
-    def _delete(
-        self, cur: Cursor, batch: _Batch, delete: EndpointDelete, cause: Cause
-    ) -> Endpoint | bool | None:
-        """The deleted endpoint; None if there was none; False if the delete is stale."""
-        key = endpoint_key(delete.id)
-        loaded = self._current(cur, batch, key)
-        if delete.position is not None:
-            tomb = batch.tombs.get(key)
-            held = [p for p in (loaded and loaded[1].source_position, tomb) if p]
-            if held and max(held) >= delete.position:
-                return False
-            if tomb is not None:
-                self._exec(
-                    cur,
-                    "DELETE FROM tombstones WHERE app_id = ? AND id_key = ?",
-                    (batch.app_id, key),
-                )
-            self._exec(
-                cur,
-                "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?)",
-                (batch.app_id, key, delete.position),
-            )
-            batch.tombs[key] = delete.position
-        if loaded is None:
-            return None
-        pk, endpoint = loaded
-        self._exec(cur, "DELETE FROM endpoints WHERE pk = ?", (pk,))
-        batch.rows[key] = None
-        batch.clear.add(pk)
-        batch.side.pop(pk, None)
-        batch.counts[_bucket(endpoint)] -= 1
-        self._record(batch, endpoint, endpoint.opt_out, None, cause)
-        return endpoint
-
-    def _finish_batch(self, cur: Cursor, batch: _Batch) -> None:
-        """Write what the batch deferred: side rows, consent history, rollup counts."""
-        for table in ("endpoint_attributes", "endpoint_metrics"):
-            for chunk in _chunks(sorted(batch.clear)):
-                marks = ", ".join("?" for _ in chunk)
+    def _finish_batch(self, cur: Cursor, batch: WriteBatch) -> None:
+        """Write the batch's outcome: endpoints, side rows, tombstones, history, rollup."""
+        app_id = batch.app_id
+        changed = batch.changed_rows()
+        resided = [
+            r for r in changed if r.stored is None or _side_of(r.stored) != _side_of(r.endpoint)
+        ]
+        stale_side = [r.pk for r in resided if r.stored is not None] + batch.deleted_pks
+        for chunk in _chunks(sorted(stale_side)):
+            marks = ", ".join("?" for _ in chunk)
+            for table in ("endpoint_attributes", "endpoint_metrics"):
                 self._exec(cur, f"DELETE FROM {table} WHERE endpoint_pk IN ({marks})", chunk)
-        attributes = [
-            (pk, e.app_id, kind, name, value, iso_instant_ms(value))
-            for pk, e in batch.side.items()
-            for kind, values in (("A", e.attributes), ("U", e.user_attributes))
-            for name, items in values.items()
-            for value in items
-        ]
+        for chunk in _chunks(sorted(batch.deleted_pks)):
+            marks = ", ".join("?" for _ in chunk)
+            self._exec(cur, f"DELETE FROM endpoints WHERE pk IN ({marks})", chunk)
+        updates = [(*_endpoint_values(r.endpoint), r.pk) for r in changed if r.stored is not None]
+        if updates:
+            cur.executemany(self._sql(_UPDATE_ENDPOINT), updates)
+        inserts = [(r.pk, *_endpoint_values(r.endpoint)) for r in changed if r.stored is None]
+        if inserts:
+            cur.executemany(self._sql(_INSERT_ENDPOINT), inserts)
+        for r in changed:
+            r.stored = r.endpoint
+        attributes = [row for r in resided for row in _attribute_rows(r.pk, r.endpoint)]
         if attributes:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, "
-                    "value_ts) VALUES (?, ?, ?, ?, ?, ?)"
-                ),
-                attributes,
-            )
-        metrics = [
-            (pk, e.app_id, n, v) for pk, e in batch.side.items() for n, v in e.metrics.items()
-        ]
+            cur.executemany(self._sql(_INSERT_ATTRIBUTE), attributes)
+        metrics = [(r.pk, app_id, n, v) for r in resided for n, v in r.endpoint.metrics.items()]
         if metrics:
             cur.executemany(
                 self._sql(
@@ -721,6 +539,26 @@ class SqlStore(EndpointStore):
                     "VALUES (?, ?, ?, ?)"
                 ),
                 metrics,
+            )
+        if batch.new_names:
+            cur.executemany(
+                self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
+                [(app_id, k, n) for k, n in batch.new_names],
+            )
+        for chunk in _chunks(sorted(batch.tombs_removed)):
+            marks = ", ".join("?" for _ in chunk)
+            self._exec(
+                cur,
+                f"DELETE FROM tombstones WHERE app_id = ? AND id_key IN ({marks})",
+                (app_id, *chunk),
+            )
+        if batch.tombs_written:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
+                    "ON CONFLICT (app_id, id_key) DO UPDATE SET position = excluded.position"
+                ),
+                [(app_id, k, p) for k, p in sorted(batch.tombs_written.items())],
             )
         if batch.history:
             cur.executemany(
@@ -731,7 +569,7 @@ class SqlStore(EndpointStore):
                 ),
                 batch.history,
             )
-        deltas = [(batch.app_id, *bucket, n) for bucket, n in batch.counts.items() if n]
+        deltas = [(app_id, *b, n) for b, n in sorted(batch.counts.items()) if n]
         if deltas:
             cur.executemany(
                 self._sql(
@@ -742,33 +580,40 @@ class SqlStore(EndpointStore):
                 ),
                 deltas,
             )
-        self._written += len(batch.side)
+        self._written += len(changed)
+
+    def _apply(
+        self, batch: WriteBatch, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
+    ) -> WriteResult:
+        applied = stale = missing = 0
+        for write in writes:
+            why = cause
+            if write.position is not None and cause.kind is CauseKind.SOURCE:
+                why = Cause(CauseKind.SOURCE, write.position)
+            if isinstance(write, EndpointDelete):
+                outcome = batch.delete(write, why)
+                if outcome is False:
+                    stale += 1
+                elif outcome is None:
+                    missing += 1
+                else:
+                    applied += 1
+            elif batch.upsert(write, why):
+                applied += 1
+            else:
+                stale += 1
+        return WriteResult(applied=applied, stale=stale, missing=missing)
 
     def write_endpoints(
         self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
     ) -> WriteResult:
-        applied = stale = missing = 0
         with self._write() as cur:
             self._get_app(cur, app_id)
             batch = self._begin_batch(cur, app_id, writes)
-            for write in writes:
-                if write.position is not None and cause.kind is CauseKind.SOURCE:
-                    cause = Cause(CauseKind.SOURCE, write.position)
-                if isinstance(write, EndpointDelete):
-                    outcome = self._delete(cur, batch, write, cause)
-                    if outcome is False:
-                        stale += 1
-                    elif outcome is None:
-                        missing += 1
-                    else:
-                        applied += 1
-                elif self._upsert(cur, batch, write, cause):
-                    applied += 1
-                else:
-                    stale += 1
+            result = self._apply(batch, writes, cause)
             self._finish_batch(cur, batch)
         self._after_writes()
-        return WriteResult(applied=applied, stale=stale, missing=missing)
+        return result
 
     def _after_writes(self) -> None:
         """Hook: a store may refresh planner statistics now and then."""
@@ -786,7 +631,7 @@ class SqlStore(EndpointStore):
         with self._write() as cur:
             self._get_app(cur, app_id)
             batch = self._begin_batch(cur, app_id, [delete])
-            outcome = self._delete(cur, batch, delete, cause)
+            outcome = batch.delete(delete, cause)
             self._finish_batch(cur, batch)
         if not isinstance(outcome, Endpoint):
             raise NotFound(f"Resource not found: app {app_id!r} has no endpoint {endpoint_id!r}")
@@ -818,7 +663,7 @@ class SqlStore(EndpointStore):
             deletes = [EndpointDelete(e.id) for e in found]
             batch = self._begin_batch(cur, app_id, deletes)
             for delete in deletes:
-                self._delete(cur, batch, delete, cause)
+                batch.delete(delete, cause)
             self._finish_batch(cur, batch)
         return found
 
@@ -1050,6 +895,26 @@ class SqlStore(EndpointStore):
             resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
             dialect=self.dialect,
         )
+        driven = None
+        if not compiled.reads_only(_ROLLUP_COLUMNS):
+            driven = compile_driven(
+                segment.definition,
+                app_id=app_id,
+                resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
+                dialect=self.dialect,
+            )
+        if driven is not None and driven.rest.columns <= _ROLLUP_COLUMNS:
+            # Every match has a row of the driving attribute, and each such row carries the
+            # columns the rest of the filter and the eligibility test read.
+            distinct = "DISTINCT " if driven.distinct else ""
+            sql = (
+                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
+                "e.opt_out = 'NONE' THEN 1 ELSE 0 END), 0) FROM (SELECT "
+                f"{distinct}d.endpoint_pk AS pk, d.country_code, d.channel_type, d.status, "
+                f"d.opt_out FROM endpoint_attributes d WHERE {driven.driver_sql}) e "
+                f"WHERE {driven.rest.sql}"
+            )
+            return sql, [*driven.driver_params, *driven.rest.params]
         if compiled.reads_only(_ROLLUP_COLUMNS):
             sql = (
                 "SELECT COALESCE(SUM(e.n), 0), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.engine.segments import iso_instant_ms
+from optsync.engine.sql import _INSERT_ATTRIBUTE, Cursor, SqlStore, StoreSettings
 
 __all__ = ("SQLiteStore",)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+"""1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -87,18 +95,24 @@ CREATE TABLE IF NOT EXISTS endpoint_counts (
     n INTEGER NOT NULL,
     PRIMARY KEY (app_id, country_code, channel_type, status, opt_out)
 );
+-- One row per attribute value, clustered by what segments filter on. Each row carries a copy
+-- of its endpoint's rollup columns, so a segment driven by an attribute is counted (total and
+-- eligible) from this table alone, without a lookup into endpoints per match.
 CREATE TABLE IF NOT EXISTS endpoint_attributes (
-    endpoint_pk INTEGER NOT NULL,
     app_id TEXT NOT NULL,
     kind TEXT NOT NULL,          -- A: Attributes, U: User.UserAttributes
     name TEXT NOT NULL,
     value TEXT NOT NULL,
-    value_ts INTEGER             -- the value as epoch ms when it reads as an ISO-8601 date
-);
-CREATE INDEX IF NOT EXISTS endpoint_attributes_value
-    ON endpoint_attributes (app_id, kind, name, value, endpoint_pk);
+    endpoint_pk INTEGER NOT NULL,
+    value_ts INTEGER,            -- the value as epoch ms when it reads as an ISO-8601 date
+    country_code TEXT NOT NULL,  -- '' when the endpoint has no country
+    channel_type TEXT NOT NULL,
+    status TEXT NOT NULL,
+    opt_out TEXT NOT NULL,
+    PRIMARY KEY (app_id, kind, name, value, endpoint_pk)
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS endpoint_attributes_ts
-    ON endpoint_attributes (app_id, kind, name, value_ts, endpoint_pk)
+    ON endpoint_attributes (app_id, kind, name, value_ts)
     WHERE value_ts IS NOT NULL;
 CREATE INDEX IF NOT EXISTS endpoint_attributes_endpoint ON endpoint_attributes (endpoint_pk);
 CREATE TABLE IF NOT EXISTS endpoint_metrics (
@@ -168,12 +182,45 @@ class SQLiteStore(SqlStore):
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA busy_timeout = 10000")
+        self._migrate()
         self._conn.executescript(SCHEMA)
+        self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._fill_rollup()
+        self._fill_attributes()
         # Cheap statistics so the planner drives attribute filters from the attribute index.
         self._conn.execute("PRAGMA analysis_limit = 1000")
         self._conn.execute("PRAGMA optimize = 0x10002")
         self._optimized_at = 0
+
+    def _migrate(self) -> None:
+        """Bring an engine file written by an earlier version up to ``SCHEMA_VERSION``."""
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        exists = self._conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'endpoint_attributes'"
+        ).fetchone()
+        if exists and version < 2:
+            # Version 1 kept attribute rows without the rollup columns: rebuild them.
+            log.info("engine schema: rebuilding endpoint_attributes for version 2")
+            self._conn.execute("DROP TABLE endpoint_attributes")
+
+    def _fill_attributes(self) -> None:
+        """Explode the endpoints' attribute JSON into an empty attribute table (after a rebuild)."""
+        with self._write() as cur:
+            if cur.execute("SELECT 1 FROM endpoint_attributes LIMIT 1").fetchone() is not None:
+                return
+            if cur.execute("SELECT 1 FROM endpoints LIMIT 1").fetchone() is None:
+                return
+            for pk, app_id, attributes, user_attributes, *rollup in cur.execute(
+                "SELECT pk, app_id, attributes, user_attributes, COALESCE(country_code, ''), "
+                "channel_type, status, opt_out FROM endpoints"
+            ).fetchall():
+                rows = [
+                    (pk, app_id, kind, name, value, iso_instant_ms(value), *rollup)
+                    for kind, text in (("A", attributes), ("U", user_attributes))
+                    for name, items in json.loads(text).items()
+                    for value in dict.fromkeys(items)
+                ]
+                cur.executemany(_INSERT_ATTRIBUTE, rows)
 
     def _fill_rollup(self) -> None:
         """Count endpoints into an empty rollup (an engine file from before it existed)."""

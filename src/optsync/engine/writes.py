@@ -1,0 +1,283 @@
+"""One write transaction of endpoints, worked out in memory before anything is written.
+
+A ``WriteBatch`` starts from the rows the store read up front: the endpoints the writes name,
+every ACTIVE endpoint at an address they touch, and every endpoint of a UserId they touch. That
+set is closed under the rules below (same-address deactivation, the 15-per-user cap, UserAttributes
+kept equal across a user), so the batch applies Pinpoint's rules one write after the other on
+these rows alone, exactly as statement-by-statement execution would, and the store then writes
+the outcome with a few bulk statements (``rows_to_write``, ``deleted_pks``, ``history`` ...).
+
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from optsync.engine.countries import to_alpha2
+from optsync.engine.endpoints import (
+    MAX_ATTRIBUTE_NAMES_PER_APP,
+    MAX_ENDPOINTS_PER_USER,
+    CountryDerivation,
+    endpoint_key,
+    merge,
+    validate_patch,
+)
+from optsync.engine.models import (
+    PUSH_TOKEN_CHANNELS,
+    Cause,
+    CauseKind,
+    Endpoint,
+    EndpointDelete,
+    EndpointPatch,
+    EndpointStatus,
+    OptOut,
+)
+from optsync.errors import LimitExceeded
+
+__all__ = ("Bucket", "HistoryRow", "Row", "WriteBatch", "bucket")
+
+Bucket = tuple[str, str, str, str]
+"""The rollup row an endpoint counts in: (country alpha-2 or '', channel, status, opt-out)."""
+
+HistoryRow = tuple[str, str, str, str, str | None, str | None, str | None, str, str]
+
+
+def bucket(e: Endpoint) -> Bucket:
+    country = to_alpha2(e.location.country) if e.location.country else None
+    # The enum members are str already: no ``.value`` lookups on this hot path.
+    return (country or "", e.channel_type, e.endpoint_status, e.opt_out)
+
+
+@dataclass
+class Row:
+    """An endpoint as the batch has left it, and as it was read."""
+
+    pk: int
+    endpoint: Endpoint
+    stored: Endpoint | None
+    """The endpoint as the database holds it under ``pk``; None: not written yet."""
+
+
+@dataclass
+class WriteBatch:
+    """Pinpoint's write rules applied in memory to the rows one transaction read."""
+
+    app_id: str
+    now: str
+    country: CountryDerivation
+    next_pk: int
+    """The first primary key free for new endpoints."""
+    names: set[tuple[str, str]]
+    """(kind, name) of every attribute and metric name the app has: A, U or M."""
+    tombs: dict[str, str] = field(default_factory=dict)
+    """id_key -> position of the delete that removed it."""
+    rows: dict[str, Row] = field(default_factory=dict)
+    deleted_pks: list[int] = field(default_factory=list)
+    """Endpoints the database holds that the batch deleted."""
+    new_names: list[tuple[str, str]] = field(default_factory=list)
+    tombs_written: dict[str, str] = field(default_factory=dict)
+    tombs_removed: set[str] = field(default_factory=set)
+    history: list[HistoryRow] = field(default_factory=list)
+    counts: Counter[Bucket] = field(default_factory=Counter)
+    _by_address: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    _by_user: dict[str, set[str]] = field(default_factory=dict)
+
+    # loading ----------------------------------------------------------------------------------
+    def load(self, rows: Iterable[tuple[int, Endpoint]]) -> None:
+        """Take rows read from the database (a row already held is kept as the batch has it)."""
+        for pk, endpoint in rows:
+            key = endpoint_key(endpoint.id)
+            if key not in self.rows:
+                self.rows[key] = Row(pk, endpoint, endpoint)
+                self._index(key, endpoint)
+
+    def _index(self, key: str, e: Endpoint) -> None:
+        if e.address is not None:
+            self._by_address.setdefault((e.address, e.channel_type.value), set()).add(key)
+        if e.user_id is not None:
+            self._by_user.setdefault(e.user_id, set()).add(key)
+
+    def _unindex(self, key: str, e: Endpoint) -> None:
+        if e.address is not None:
+            self._by_address.get((e.address, e.channel_type.value), set()).discard(key)
+        if e.user_id is not None:
+            self._by_user.get(e.user_id, set()).discard(key)
+
+    def _set(self, key: str, endpoint: Endpoint) -> None:
+        row = self.rows[key]
+        old = row.endpoint
+        if (old.address, old.channel_type, old.user_id) != (
+            endpoint.address,
+            endpoint.channel_type,
+            endpoint.user_id,
+        ):
+            self._unindex(key, old)
+            self._index(key, endpoint)
+        self.counts[bucket(old)] -= 1
+        self.counts[bucket(endpoint)] += 1
+        row.endpoint = endpoint
+
+    # what the store writes --------------------------------------------------------------------
+    def changed_rows(self) -> list[Row]:
+        """Rows to write: new ones and the ones whose endpoint differs from what is stored."""
+        return [r for r in self.rows.values() if r.endpoint is not r.stored]
+
+    # rules ------------------------------------------------------------------------------------
+    def _record(
+        self, e: Endpoint, before: OptOut | None, after: OptOut | None, cause: Cause
+    ) -> None:
+        self.history.append(
+            (
+                self.app_id,
+                endpoint_key(e.id),
+                e.id,
+                self.now,
+                before.value if before else None,
+                after.value if after else None,
+                e.address,
+                cause.kind.value,
+                cause.ref,
+            )
+        )
+
+    def _check_names(self, e: Endpoint) -> None:
+        names = {("A", n) for n in e.attributes}
+        names |= {("U", n) for n in e.user_attributes}
+        names |= {("M", n) for n in e.metrics}
+        new = names - self.names
+        if not new:
+            return
+        if len(self.names) + len(new) > MAX_ATTRIBUTE_NAMES_PER_APP:
+            raise LimitExceeded(
+                f"Too many custom attributes: an app holds at most {MAX_ATTRIBUTE_NAMES_PER_APP} "
+                "distinct Attributes, UserAttributes and Metrics names together"
+            )
+        self.names |= new
+        self.new_names.extend(sorted(new))
+
+    def _deactivate(self, key: str) -> None:
+        e = self.rows[key].endpoint
+        if e.endpoint_status is EndpointStatus.ACTIVE:
+            self._set(key, dataclasses.replace(e, endpoint_status=EndpointStatus.INACTIVE))
+
+    def _user_peers(self, user_id: str, key: str) -> list[Row]:
+        """The other endpoints of a user, oldest row first (the order the database keeps)."""
+        keys = self._by_user.get(user_id, set())
+        return sorted((self.rows[k] for k in keys if k != key), key=lambda r: r.pk)
+
+    def _join_user(self, endpoint: Endpoint, key: str) -> Endpoint:
+        """An endpoint joins a UserId: enforce 15 endpoints per user, take on its attributes.
+
+        At the cap, push-token channels retire the user's oldest push endpoint (INACTIVE, no
+        UserId); other channels are refused. The joining endpoint gets the user's
+        UserAttributes, its own given ones winning.
+        """
+        assert endpoint.user_id is not None
+        peers = self._user_peers(endpoint.user_id, key)
+        if len(peers) >= MAX_ENDPOINTS_PER_USER:
+            push = [r for r in peers if r.endpoint.channel_type in PUSH_TOKEN_CHANNELS]
+            if endpoint.channel_type not in PUSH_TOKEN_CHANNELS or not push:
+                raise LimitExceeded(
+                    f"Exceeded maximum endpoint per user count: {MAX_ENDPOINTS_PER_USER} "
+                    f"(endpoint {endpoint.id!r}); delete an endpoint of this user first"
+                )
+            oldest = min(push, key=lambda r: (r.endpoint.effective_date or "", r.pk))
+            old_key = endpoint_key(oldest.endpoint.id)
+            self._deactivate(old_key)
+            self._set(old_key, dataclasses.replace(self.rows[old_key].endpoint, user_id=None))
+            peers = [r for r in peers if r is not oldest]
+        if not peers:
+            return endpoint
+        merged = {**peers[0].endpoint.user_attributes, **endpoint.user_attributes}
+        return dataclasses.replace(endpoint, user_attributes=merged)
+
+    def _sync_user_attributes(
+        self, endpoint: Endpoint, given: Mapping[str, tuple[str, ...]]
+    ) -> None:
+        """Pinpoint keeps UserAttributes the same on every endpoint of one UserId."""
+        assert endpoint.user_id is not None
+        for peer in self._user_peers(endpoint.user_id, endpoint_key(endpoint.id)):
+            other = peer.endpoint
+            merged = {**other.user_attributes, **given}
+            if merged != dict(other.user_attributes):
+                self._set(
+                    endpoint_key(other.id), dataclasses.replace(other, user_attributes=merged)
+                )
+
+    def upsert(self, patch: EndpointPatch, cause: Cause) -> bool:
+        """Apply one UpdateEndpoint; False if a positioned write is older than what is held."""
+        key = endpoint_key(patch.id)
+        row = self.rows.get(key)
+        existing = row.endpoint if row else None
+        if patch.position is not None:
+            held = [p for p in (existing and existing.source_position, self.tombs.get(key)) if p]
+            if held and max(held) >= patch.position:
+                return False
+        validate_patch(patch)
+        request_id = cause.ref if cause.kind is CauseKind.API else uuid.uuid4().hex
+        endpoint = merge(
+            existing,
+            patch,
+            app_id=self.app_id,
+            now=self.now,
+            request_id=request_id,
+            country=self.country,
+        )
+        if endpoint.user_id and (existing is None or existing.user_id != endpoint.user_id):
+            endpoint = self._join_user(endpoint, key)
+        self._check_names(endpoint)
+        if row is None:
+            self.rows[key] = Row(self.next_pk, endpoint, None)
+            self.next_pk += 1
+            self._index(key, endpoint)
+            self.counts[bucket(endpoint)] += 1
+        else:
+            self._set(key, endpoint)
+        # An endpoint that was ACTIVE at this address and channel already holds it alone: any
+        # later write of another endpoint at the address would have made it INACTIVE.
+        holds_address = (
+            existing is not None
+            and existing.endpoint_status is EndpointStatus.ACTIVE
+            and existing.address == endpoint.address
+            and existing.channel_type is endpoint.channel_type
+        )
+        if endpoint.address is not None and not holds_address:
+            peers = self._by_address.get((endpoint.address, endpoint.channel_type.value), set())
+            for other in sorted(peers - {key}):
+                self._deactivate(other)
+        if patch.user_attributes and endpoint.user_id:
+            self._sync_user_attributes(endpoint, patch.user_attributes)
+        before = existing.opt_out if existing else None
+        if before is not endpoint.opt_out:
+            self._record(endpoint, before, endpoint.opt_out, cause)
+        if patch.position is not None and self.tombs.pop(key, None) is not None:
+            self.tombs_written.pop(key, None)
+            self.tombs_removed.add(key)
+        return True
+
+    def delete(self, delete: EndpointDelete, cause: Cause) -> Endpoint | bool | None:
+        """The deleted endpoint; None if there was none; False if the delete is stale."""
+        key = endpoint_key(delete.id)
+        row = self.rows.get(key)
+        if delete.position is not None:
+            tomb = self.tombs.get(key)
+            held = [p for p in (row and row.endpoint.source_position, tomb) if p]
+            if held and max(held) >= delete.position:
+                return False
+            self.tombs[key] = self.tombs_written[key] = delete.position
+            self.tombs_removed.discard(key)
+        if row is None:
+            return None
+        endpoint = row.endpoint
+        del self.rows[key]
+        self._unindex(key, endpoint)
+        if row.stored is not None:
+            self.deleted_pks.append(row.pk)
+        self.counts[bucket(endpoint)] -= 1
+        self._record(endpoint, endpoint.opt_out, None, cause)
+        return endpoint
