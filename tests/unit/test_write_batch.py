@@ -143,7 +143,7 @@ def _check_side_rows(store: SQLiteStore, app_id: str) -> None:
 
 
 @pytest.mark.parametrize("positioned", [False, True])
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_batched_writes_equal_one_at_a_time(tmp_path: Path, seed: int, positioned: bool) -> None:
     batched = SQLiteStore(tmp_path / "batched.db")
     single = SQLiteStore(tmp_path / "single.db")

@@ -50,7 +50,7 @@ from optsync.engine.segments import (
     iso_instant_ms,
 )
 from optsync.engine.store import EndpointStore, Segment
-from optsync.engine.writes import WriteBatch, bucket
+from optsync.engine.writes import WriteBatch, bucket, peers_to_read
 from optsync.errors import InvalidRequest, NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
@@ -88,9 +88,7 @@ _ENDPOINT_COLUMNS = (
 )
 
 
-_UPDATE_ENDPOINT = "UPDATE endpoints SET {} WHERE pk = ?".format(
-    ", ".join(f"{c.strip()} = ?" for c in _ENDPOINT_COLUMNS.split(","))
-)
+_COLUMN_NAMES = tuple(c.strip() for c in _ENDPOINT_COLUMNS.split(","))
 _INSERT_ENDPOINT = "INSERT INTO endpoints (pk, {}) VALUES (?, {})".format(
     _ENDPOINT_COLUMNS, ", ".join("?" for _ in _ENDPOINT_COLUMNS.split(","))
 )
@@ -107,32 +105,37 @@ def _dump_lists(values: Mapping[str, Sequence[str]]) -> str:
 
 
 def _lists(text: str | None) -> dict[str, tuple[str, ...]]:
-    return {k: tuple(v) for k, v in json.loads(text or "{}").items()}
+    if not text or text == "{}":
+        return {}
+    return {k: tuple(v) for k, v in json.loads(text).items()}
+
+
+# Enum members by value: a dict lookup instead of EnumType.__call__ for every row read.
+_CHANNELS = {c.value: c for c in ChannelType}
+_OPT_OUTS = {o.value: o for o in OptOut}
+_STATUSES = {s.value: s for s in EndpointStatus}
+_EMPTY_LOCATION = Location()
+_EMPTY_DEMOGRAPHIC = Demographic()
 
 
 def _row_to_endpoint(row: Sequence[Any]) -> Endpoint:
     app_id, eid, _key, channel, address, opt_out, status, created, effective, cohort, req = row[:11]
-    return Endpoint(
-        app_id=app_id,
-        id=eid,
-        channel_type=ChannelType(channel),
-        address=address,
-        opt_out=OptOut(opt_out),
-        endpoint_status=EndpointStatus(status),
-        creation_date=created,
-        effective_date=effective,
-        cohort_id=cohort,
-        request_id=req,
-        user_id=row[11],
-        location=Location(
+    location = (
+        _EMPTY_LOCATION
+        if row[12] is None and all(v is None for v in row[14:19])
+        else Location(
             country=row[12],
             city=row[14],
             region=row[15],
             postal_code=row[16],
             latitude=row[17],
             longitude=row[18],
-        ),
-        demographic=Demographic(
+        )
+    )
+    demographic = (
+        _EMPTY_DEMOGRAPHIC
+        if all(v is None for v in row[19:27])
+        else Demographic(
             app_version=row[19],
             locale=row[20],
             make=row[21],
@@ -141,10 +144,28 @@ def _row_to_endpoint(row: Sequence[Any]) -> Endpoint:
             platform=row[24],
             platform_version=row[25],
             timezone=row[26],
-        ),
+        )
+    )
+    metrics = row[29]
+    return Endpoint(
+        app_id=app_id,
+        id=eid,
+        channel_type=_CHANNELS[channel],
+        address=address,
+        opt_out=_OPT_OUTS[opt_out],
+        endpoint_status=_STATUSES[status],
+        creation_date=created,
+        effective_date=effective,
+        cohort_id=cohort,
+        request_id=req,
+        user_id=row[11],
+        location=location,
+        demographic=demographic,
         attributes=_lists(row[27]),
         user_attributes=_lists(row[28]),
-        metrics={k: float(v) for k, v in json.loads(row[29] or "{}").items()},
+        metrics={}
+        if not metrics or metrics == "{}"
+        else {k: float(v) for k, v in json.loads(metrics).items()},
         source_position=row[30],
     )
 
@@ -155,10 +176,11 @@ def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
         e.app_id,
         e.id,
         endpoint_key(e.id),
-        e.channel_type.value,
+        # StrEnum members bind as their text; no ``.value`` lookup on this hot path.
+        e.channel_type,
         e.address,
-        e.opt_out.value,
-        e.endpoint_status.value,
+        e.opt_out,
+        e.endpoint_status,
         e.creation_date,
         e.effective_date,
         e.cohort_id,
@@ -438,9 +460,19 @@ class SqlStore(EndpointStore):
         return (int(row[0]), _row_to_endpoint(row[1:])) if row else None
 
     def _select_in(
-        self, cur: Cursor, app_id: str, column: str, values: set[str], extra: str = ""
+        self,
+        cur: Cursor,
+        app_id: str,
+        column: str,
+        values: set[str],
+        extra: str = "",
+        held: Mapping[str, object] | None = None,
     ) -> list[tuple[int, Endpoint]]:
-        """Endpoints of the app whose ``column`` is one of ``values``, in chunks."""
+        """Endpoints of the app whose ``column`` is one of ``values``, in chunks.
+
+        Rows whose id_key is in ``held`` are not decoded again.
+        """
+        held = held or {}
         found: list[tuple[int, Endpoint]] = []
         for chunk in _chunks(sorted(values)):
             marks = ", ".join("?" for _ in chunk)
@@ -450,7 +482,7 @@ class SqlStore(EndpointStore):
                 f"{column} IN ({marks}){extra}",
                 (app_id, *chunk),
             ).fetchall()
-            found.extend((int(r[0]), _row_to_endpoint(r[1:])) for r in rows)
+            found.extend((int(r[0]), _row_to_endpoint(r[1:])) for r in rows if r[3] not in held)
         return found
 
     def _next_pk(self, cur: Cursor) -> int:
@@ -483,17 +515,12 @@ class SqlStore(EndpointStore):
         keys = {endpoint_key(w.id) for w in writes}
         named = self._select_in(cur, app_id, "id_key", keys)
         batch.load(named)
-        addresses = {w.address for w in writes if isinstance(w, EndpointPatch) and w.address}
-        users = {w.user_id for w in writes if isinstance(w, EndpointPatch) and w.user_id}
-        for _, e in named:
-            if e.address:
-                addresses.add(e.address)
-            if e.user_id:
-                users.add(e.user_id)
+        addresses, users = peers_to_read(writes, {endpoint_key(e.id): e for _, e in named})
         if addresses:
-            batch.load(self._select_in(cur, app_id, "address", addresses, " AND status = 'ACTIVE'"))
+            active = " AND status = 'ACTIVE'"
+            batch.load(self._select_in(cur, app_id, "address", addresses, active, batch.rows))
         if users:
-            batch.load(self._select_in(cur, app_id, "user_id", users))
+            batch.load(self._select_in(cur, app_id, "user_id", users, "", batch.rows))
         positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
         for chunk in _chunks(positioned):
             marks = ", ".join("?" for _ in chunk)
@@ -520,9 +547,17 @@ class SqlStore(EndpointStore):
         for chunk in _chunks(sorted(batch.deleted_pks)):
             marks = ", ".join("?" for _ in chunk)
             self._exec(cur, f"DELETE FROM endpoints WHERE pk IN ({marks})", chunk)
-        updates = [(*_endpoint_values(r.endpoint), r.pk) for r in changed if r.stored is not None]
-        if updates:
-            cur.executemany(self._sql(_UPDATE_ENDPOINT), updates)
+        # UPDATE sets only the columns that changed, so untouched indexes are left alone.
+        updates: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
+        for r in changed:
+            if r.stored is not None:
+                new, old = _endpoint_values(r.endpoint), _endpoint_values(r.stored)
+                which = tuple(i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b)
+                if which:
+                    updates.setdefault(which, []).append((*(new[i] for i in which), r.pk))
+        for which, params in updates.items():
+            sets = ", ".join(f"{_COLUMN_NAMES[i]} = ?" for i in which)
+            cur.executemany(self._sql(f"UPDATE endpoints SET {sets} WHERE pk = ?"), params)
         inserts = [(r.pk, *_endpoint_values(r.endpoint)) for r in changed if r.stored is None]
         if inserts:
             cur.executemany(self._sql(_INSERT_ENDPOINT), inserts)

@@ -182,6 +182,9 @@ class SQLiteStore(SqlStore):
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA busy_timeout = 10000")
+        # 64 MiB of page cache (the default is 2 MiB): index pages of a million endpoints stay
+        # in memory instead of being read back from the OS on every batch.
+        self._conn.execute("PRAGMA cache_size = -65536")
         self._migrate()
         self._conn.executescript(SCHEMA)
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -13,9 +13,9 @@ No I/O here.
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from optsync.engine.countries import to_alpha2
@@ -39,7 +39,7 @@ from optsync.engine.models import (
 )
 from optsync.errors import LimitExceeded
 
-__all__ = ("Bucket", "HistoryRow", "Row", "WriteBatch", "bucket")
+__all__ = ("Bucket", "HistoryRow", "Row", "WriteBatch", "bucket", "peers_to_read")
 
 Bucket = tuple[str, str, str, str]
 """The rollup row an endpoint counts in: (country alpha-2 or '', channel, status, opt-out)."""
@@ -51,6 +51,49 @@ def bucket(e: Endpoint) -> Bucket:
     country = to_alpha2(e.location.country) if e.location.country else None
     # The enum members are str already: no ``.value`` lookups on this hot path.
     return (country or "", e.channel_type, e.endpoint_status, e.opt_out)
+
+
+def peers_to_read(
+    writes: Sequence[EndpointPatch | EndpointDelete], stored: Mapping[str, Endpoint]
+) -> tuple[set[str], set[str]]:
+    """The addresses and UserIds whose other endpoints the batch must read, given the stored
+    endpoints the writes name (by id_key).
+
+    An address is needed when a write leaves an endpoint at an address (and channel) it did not
+    hold ACTIVE: only then are other endpoints there deactivated. At most one endpoint per
+    address and channel is ACTIVE (every write deactivates the others), so an endpoint that
+    stays where it held the address has no ACTIVE peer to read. A UserId is needed when an
+    endpoint joins it (the cap, the user's UserAttributes) or a write gives UserAttributes
+    (kept equal across the user). A key written more than once is compared with what the
+    batch did before, not with what is stored, so its addresses and users are always read.
+    """
+    seen: Counter[str] = Counter(endpoint_key(w.id) for w in writes)
+    addresses: set[str] = set()
+    users: set[str] = set()
+    for w in writes:
+        if not isinstance(w, EndpointPatch):
+            continue
+        key = endpoint_key(w.id)
+        s = stored.get(key)
+        address = w.address if w.address is not None else (s.address if s else None)
+        channel = w.channel_type or (s.channel_type if s else None)
+        user = w.user_id if w.user_id is not None else (s.user_id if s else None)
+        once = seen[key] == 1
+        if address is not None and not (
+            once
+            and s is not None
+            and s.endpoint_status is EndpointStatus.ACTIVE
+            and s.address == address
+            and s.channel_type is channel
+        ):
+            addresses.add(address)
+            if s is not None and s.address:
+                addresses.add(s.address)
+        if user is not None and (not once or s is None or s.user_id != user or w.user_attributes):
+            users.add(user)
+            if s is not None and s.user_id:
+                users.add(s.user_id)
+    return addresses, users
 
 
 @dataclass
@@ -219,7 +262,7 @@ class WriteBatch:
             if held and max(held) >= patch.position:
                 return False
         validate_patch(patch)
-        request_id = cause.ref if cause.kind is CauseKind.API else uuid.uuid4().hex
+        request_id = cause.ref if cause.kind is CauseKind.API else os.urandom(16).hex()
         endpoint = merge(
             existing,
             patch,
