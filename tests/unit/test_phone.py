@@ -277,3 +277,30 @@ def test_wire_of_valid_number() -> None:
 def test_mismatched_phone_type_code_is_refused() -> None:
     with pytest.raises(ValueError, match="does not match"):
         PhoneValidation(phone_type=PhoneType.MOBILE, phone_type_code=3)
+
+
+def test_e164_fast_parse_equals_libphonenumber_parse() -> None:
+    """The split shortcut gives libphonenumber's own parse, neighbours included."""
+    import random
+
+    import phonenumbers
+
+    from optsync.engine import phone
+
+    rng = random.Random(5)
+    codes = sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+    shortcut = 0
+    for _ in range(600):
+        code = rng.choice(codes)
+        head = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 8)))
+        for _ in range(5):  # neighbours: only the last four digits differ
+            text = f"+{code}{head}{rng.randint(0, 9999):04d}"
+            fast = phone._parse_e164(text)
+            try:
+                expected = phonenumbers.parse(text, None)
+            except phonenumbers.NumberParseException:
+                expected = None
+            if fast is not None:  # None: the caller parses with libphonenumber
+                shortcut += 1
+                assert fast == expected, text
+    assert shortcut > 1000, "the shortcut was hardly exercised"
