@@ -123,6 +123,9 @@ def _serve(
         PinpointApi(store, verifier, metrics, mounts),
         host=settings.api.host,
         port=settings.api.port,
+        # Named, not "auto": a missing one fails at start instead of quietly costing CPU.
+        loop="uvloop",
+        http="httptools",
         access_log=False,
         log_config=None,
         lifespan="off",

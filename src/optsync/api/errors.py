@@ -8,7 +8,7 @@ from starlette.responses import Response
 
 from optsync.errors import InvalidRequest, NotFound
 
-__all__ = ("ApiError", "error_response", "from_engine_error")
+__all__ = ("ApiError", "error_reply", "error_response", "from_engine_error")
 
 
 class ApiError(Exception):
@@ -55,11 +55,21 @@ def from_engine_error(exc: InvalidRequest | NotFound) -> ApiError:
     return ApiError.bad_request(str(exc))
 
 
+def error_reply(error: ApiError, request_id: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The error as ASGI parts: status, raw headers and body."""
+    body = json.dumps({"Message": error.message, "RequestID": request_id}).encode()
+    headers = [
+        (b"x-amzn-requestid", request_id.encode()),
+        (b"x-amzn-errortype", error.code.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", b"application/json"),
+    ]
+    return error.status, headers, body
+
+
 def error_response(error: ApiError, request_id: str) -> Response:
-    body = json.dumps({"Message": error.message, "RequestID": request_id})
-    return Response(
-        body,
-        status_code=error.status,
-        media_type="application/json",
-        headers={"x-amzn-RequestId": request_id, "x-amzn-ErrorType": error.code},
-    )
+    """The error as a Starlette response."""
+    status, headers, body = error_reply(error, request_id)
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response

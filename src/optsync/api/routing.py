@@ -80,16 +80,26 @@ class Route:
 class Router:
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
+        # Routes by segment count, in their given order, each with its literal segments and its
+        # {name} segments by position: a path is only compared with routes of its own length.
+        self._by_length: dict[int, list[_Pattern]] = {}
+        for route in routes:
+            parts = route.parts
+            literals = tuple((i, p) for i, p in enumerate(parts) if not p.startswith("{"))
+            names = tuple((i, p[1:-1]) for i, p in enumerate(parts) if p.startswith("{"))
+            self._by_length.setdefault(len(parts), []).append((route, literals, names))
 
     def match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
-        segments = raw_path.strip("/").split("/") if raw_path.strip("/") else []
+        stripped = raw_path.strip("/")
+        segments = stripped.split("/") if stripped else []
         allowed: list[str] = []
-        for route in self.routes:
-            params = _match(route.parts, segments)
-            if params is None:
+        for route, literals, names in self._by_length.get(len(segments), ()):
+            if not all(segments[i] == literal for i, literal in literals):
                 continue
+            if not all(segments[i] for i, _ in names):
+                continue  # an empty {name} segment matches nothing
             if route.method == method:
-                return route, params
+                return route, {name: unquote(segments[i]) for i, name in names}
             allowed.append(route.method)
         if allowed:
             raise ApiError.method_not_allowed(
@@ -101,18 +111,7 @@ class Router:
         )
 
 
-def _match(parts: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
-    if len(parts) != len(segments):
-        return None
-    params: dict[str, str] = {}
-    for part, segment in zip(parts, segments, strict=True):
-        if part.startswith("{"):
-            if not segment:
-                return None
-            params[part[1:-1]] = unquote(segment)
-        elif part != segment:
-            return None
-    return params
+_Pattern = tuple[Route, tuple[tuple[int, str], ...], tuple[tuple[int, str], ...]]
 
 
 def parse_query(raw_query: str) -> dict[str, str]:

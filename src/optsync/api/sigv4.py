@@ -1,8 +1,9 @@
 """Verify AWS Signature Version 4 on incoming Pinpoint API requests.
 
-The canonical request, string to sign and signature come from botocore's own ``SigV4Auth``, fed
-with the request exactly as it arrived (raw percent-encoded path, raw query, the signed headers,
-the body bytes), so the server computes what the client computed.
+The canonical request and string to sign come from botocore's own ``SigV4Auth``, fed with the
+request exactly as it arrived (raw percent-encoded path, raw query, the signed headers, the body
+bytes), so the server computes what the client computed. The signing key (SigV4's HMAC chain over
+date, region and service) is derived once per key and day and kept, as clients do.
 
 A session token (``X-Amz-Security-Token``) is accepted without checking it against any STS: the
 access key id and its secret alone authenticate the caller.
@@ -18,9 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from urllib.parse import urlsplit
 
-from botocore.auth import SigV4Auth
+from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
@@ -50,6 +52,7 @@ _DATE = re.compile(r"[0-9]{8}")
 _TIMESTAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")  # an RFC 9110 token, lower-case
+_UNSIGNABLE = frozenset(SIGNED_HEADERS_BLACKLIST)  # botocore's signer leaves these out
 
 
 class SignatureErrorCode(StrEnum):
@@ -202,6 +205,13 @@ class SignatureVerifier:
         url = f"http://{host}{raw_path}" + (f"?{raw_query}" if raw_query else "")
         _check_url_round_trip(url, host, raw_path, raw_query)
 
+        unsignable = _UNSIGNABLE.intersection(authorization.signed_headers)
+        if unsignable:
+            raise _invalid(
+                f"SignedHeaders lists {', '.join(sorted(unsignable))}, which botocore's signer "
+                "never signs (hop-by-hop and tracing headers, user-agent); sign without them"
+            )
+
         request = AWSRequest(method=method, url=url, headers=signed, data=body)
         request.context["timestamp"] = x_amz_date
         token_values = fields.get("x-amz-security-token")
@@ -210,18 +220,10 @@ class SignatureVerifier:
         auth = SigV4Auth(
             Credentials(authorization.key_id, secret, token), self._service, authorization.region
         )
-
-        computed_names = auth.signed_headers(auth.headers_to_sign(request))
-        if computed_names != ";".join(authorization.signed_headers):
-            dropped = sorted(set(authorization.signed_headers) - set(computed_names.split(";")))
-            raise _invalid(
-                f"SignedHeaders lists {', '.join(dropped)}, which botocore's signer never "
-                "signs (hop-by-hop and tracing headers, user-agent); sign without them"
-            )
-
         canonical_request = auth.canonical_request(request)
         string_to_sign = auth.string_to_sign(request, canonical_request)
-        expected = auth.signature(string_to_sign, request)
+        key = _signing_key(secret, authorization.date, authorization.region, self._service)
+        expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, authorization.signature):
             logger.debug(
                 "sigv4 mismatch access_key_id=%s canonical_request=%r",
@@ -249,7 +251,16 @@ class SignatureVerifier:
         try:
             if not _TIMESTAMP.fullmatch(x_amz_date):
                 raise ValueError(x_amz_date)
-            signed_at = datetime.strptime(x_amz_date, _TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+            # The form is checked above; datetime() refuses what is out of range, as strptime does.
+            signed_at = datetime(
+                int(x_amz_date[0:4]),
+                int(x_amz_date[4:6]),
+                int(x_amz_date[6:8]),
+                int(x_amz_date[9:11]),
+                int(x_amz_date[11:13]),
+                int(x_amz_date[13:15]),
+                tzinfo=UTC,
+            )
         except ValueError:
             raise _invalid(
                 "Malformed X-Amz-Date header: expected YYYYMMDDTHHMMSSZ in UTC, "
@@ -269,6 +280,15 @@ class SignatureVerifier:
                 f"from the server time {now.strftime(_TIMESTAMP_FORMAT)}; check the client's clock"
             )
         return x_amz_date
+
+
+@lru_cache(maxsize=64)
+def _signing_key(secret: str, date: str, region: str, service: str) -> bytes:
+    """SigV4's signing key, as botocore's ``SigV4Auth.signature`` derives it."""
+    key = f"AWS4{secret}".encode()
+    for part in (date, region, service, _TERMINATOR):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
 
 
 def _invalid(message: str) -> SignatureError:

@@ -47,6 +47,7 @@ _ENDPOINT_FIELDS = frozenset(
         "User",
     }
 )
+_BATCH_ITEM_FIELDS = _ENDPOINT_FIELDS | {"Id"}
 _DEMOGRAPHIC = {
     "AppVersion": "app_version",
     "Locale": "locale",
@@ -64,104 +65,141 @@ _LOCATION_TEXT = {
     "Region": "region",
 }
 _LOCATION_NUMBERS = {"Latitude": "latitude", "Longitude": "longitude"}
+_LOCATION = _LOCATION_TEXT | _LOCATION_NUMBERS
 
 _E = TypeVar("_E", ChannelType, OptOut, EndpointStatus)
 
+# Value -> member, as ``cls(value)`` looks it up; a dict lookup skips EnumType.__call__.
+_CHANNEL_TYPES = {m.value: m for m in ChannelType}
+_OPT_OUTS = {m.value: m for m in OptOut}
+_ENDPOINT_STATUSES = {m.value: m for m in EndpointStatus}
 
-def _text(obj: dict[str, Any], key: str, where: str) -> str | None:
-    value = obj.get(key)
+# Parsers run per batch item, so they take the value already looked up and build the
+# ``where`` prefix of a message only when there is an error to report.
+
+
+def _not_text(value: Any, where: str, key: str) -> InvalidRequest:
+    return InvalidRequest(f"{where}{key} must be a string, not {type(value).__name__}")
+
+
+def _text(value: Any, where: str, key: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    raise InvalidRequest(f"{where}{key} must be a string, not {type(value).__name__}")
+    raise _not_text(value, where, key)
 
 
-def _enum(cls: type[_E], obj: dict[str, Any], key: str, where: str) -> _E | None:
-    value = _text(obj, key, where)
+def _enum(cls: type[_E], members: dict[str, _E], value: Any, where: str, key: str) -> _E | None:
     if value is None:
         return None
-    try:
-        return cls(value.upper())
-    except ValueError:
+    if not isinstance(value, str):
+        raise _not_text(value, where, key)
+    member = members.get(value.upper())
+    if member is None:
         allowed = " | ".join(m.value for m in cls)
-        raise InvalidRequest(f"{where}{key} must be one of {allowed}, not {value!r}") from None
+        raise InvalidRequest(f"{where}{key} must be one of {allowed}, not {value!r}")
+    return member
 
 
-def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
-    value = obj.get(key)
+def _object(value: Any, where: str, key: str) -> dict[str, Any] | None:
     if value is None or isinstance(value, dict):
         return value
     raise InvalidRequest(f"{where}{key} must be a JSON object")
 
 
-def _list_map(
-    obj: dict[str, Any] | None, key: str, where: str
-) -> dict[str, tuple[str, ...]] | None:
-    if obj is None:
-        return None
-    value = _object(obj, key, where)
+def _list_map(value: Any, where: str, key: str) -> dict[str, tuple[str, ...]] | None:
     if value is None:
         return None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}{key} must be a JSON object")
     out: dict[str, tuple[str, ...]] = {}
     for name, items in value.items():
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise InvalidRequest(f"{where}{key}.{name} must be a list of strings")
-        out[name] = tuple(items)
+        if isinstance(items, list):
+            for item in items:
+                if not isinstance(item, str):
+                    break
+            else:
+                out[name] = tuple(items)
+                continue
+        raise InvalidRequest(f"{where}{key}.{name} must be a list of strings")
     return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _demographic(raw: dict[str, Any], where: str) -> Demographic:
+    get = raw.get
+    fields = {
+        attr: _text(get(key), f"{where}Demographic.", key) for key, attr in _DEMOGRAPHIC.items()
+    }
+    return Demographic(**fields)
+
+
+def _location(raw: dict[str, Any], where: str) -> Location:
+    get = raw.get
+    fields: dict[str, Any] = {
+        attr: _text(get(key), f"{where}Location.", key) for key, attr in _LOCATION_TEXT.items()
+    }
+    for key, attr in _LOCATION_NUMBERS.items():
+        value = get(key)
+        if value is not None and not _number(value):
+            raise InvalidRequest(f"{where}Location.{key} must be a number")
+        fields[attr] = None if value is None else float(value)
+    return Location(**fields)
+
+
+def _metrics(raw: dict[str, Any], where: str) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, value in raw.items():
+        if not _number(value):
+            raise InvalidRequest(f"{where}Metrics.{name} must be a number")
+        metrics[name] = float(value)
+    return metrics
 
 
 def endpoint_patch_from_wire(body: Any, endpoint_id: str, where: str = "") -> EndpointPatch:
     """Read an EndpointRequest (or an EndpointBatchItem without its Id)."""
     if not isinstance(body, dict):
         raise InvalidRequest(f"{where or 'EndpointRequest '}must be a JSON object")
-    unknown = set(body) - _ENDPOINT_FIELDS - {"Id"}
-    if unknown:
+    if not _BATCH_ITEM_FIELDS.issuperset(body):
+        unknown = set(body) - _BATCH_ITEM_FIELDS
         raise InvalidRequest(
             f"{where}{sorted(unknown)[0]} is not a field of EndpointRequest; "
             f"known fields: {', '.join(sorted(_ENDPOINT_FIELDS))}"
         )
-    demographic: Demographic | None = None
-    raw_demo = _object(body, "Demographic", where)
-    if raw_demo is not None:
-        demographic = Demographic(
-            **{
-                attr: _text(raw_demo, key, f"{where}Demographic.")
-                for key, attr in _DEMOGRAPHIC.items()
-            }
-        )
-    location: Location | None = None
-    raw_loc = _object(body, "Location", where)
-    if raw_loc is not None:
-        fields: dict[str, Any] = {
-            attr: _text(raw_loc, key, f"{where}Location.") for key, attr in _LOCATION_TEXT.items()
-        }
-        for key, attr in _LOCATION_NUMBERS.items():
-            value = raw_loc.get(key)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-            ):
-                raise InvalidRequest(f"{where}Location.{key} must be a number")
-            fields[attr] = None if value is None else float(value)
-        location = Location(**fields)
-    metrics: dict[str, float] | None = None
-    raw_metrics = _object(body, "Metrics", where)
-    if raw_metrics is not None:
-        metrics = {}
-        for name, value in raw_metrics.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise InvalidRequest(f"{where}Metrics.{name} must be a number")
-            metrics[name] = float(value)
-    user = _object(body, "User", where)
+    get = body.get
+    # Fields are read in a fixed order, so a body with several errors always reports the same.
+    raw_demo = _object(get("Demographic"), where, "Demographic")
+    demographic = None if raw_demo is None else _demographic(raw_demo, where)
+    raw_loc = _object(get("Location"), where, "Location")
+    location = None if raw_loc is None else _location(raw_loc, where)
+    raw_metrics = _object(get("Metrics"), where, "Metrics")
+    metrics = None if raw_metrics is None else _metrics(raw_metrics, where)
+    user = _object(get("User"), where, "User")
+    channel_type = _enum(ChannelType, _CHANNEL_TYPES, get("ChannelType"), where, "ChannelType")
+    address = _text(get("Address"), where, "Address")
+    opt_out = _enum(OptOut, _OPT_OUTS, get("OptOut"), where, "OptOut")
+    endpoint_status = _enum(
+        EndpointStatus, _ENDPOINT_STATUSES, get("EndpointStatus"), where, "EndpointStatus"
+    )
+    effective_date = _text(get("EffectiveDate"), where, "EffectiveDate")
+    request_id = _text(get("RequestId"), where, "RequestId")
+    user_id = user_attributes = None
+    if user is not None:
+        user_id = _text(user.get("UserId"), f"{where}User.", "UserId")
+        user_attributes = _list_map(user.get("UserAttributes"), f"{where}User.", "UserAttributes")
     return EndpointPatch(
         id=endpoint_id,
-        channel_type=_enum(ChannelType, body, "ChannelType", where),
-        address=_text(body, "Address", where),
-        opt_out=_enum(OptOut, body, "OptOut", where),
-        endpoint_status=_enum(EndpointStatus, body, "EndpointStatus", where),
-        effective_date=_text(body, "EffectiveDate", where),
-        request_id=_text(body, "RequestId", where),
-        user_id=_text(user, "UserId", f"{where}User.") if user is not None else None,
-        user_attributes=_list_map(user, "UserAttributes", f"{where}User."),
-        attributes=_list_map(body, "Attributes", where),
+        channel_type=channel_type,
+        address=address,
+        opt_out=opt_out,
+        endpoint_status=endpoint_status,
+        effective_date=effective_date,
+        request_id=request_id,
+        user_id=user_id,
+        user_attributes=user_attributes,
+        attributes=_list_map(get("Attributes"), where, "Attributes"),
         metrics=metrics,
         demographic=demographic,
         location=location,
@@ -194,9 +232,7 @@ def endpoint_to_wire(e: Endpoint) -> dict[str, Any]:
             "EffectiveDate": e.effective_date,
             "EndpointStatus": e.endpoint_status.value,
             "Id": e.id,
-            "Location": _compact(
-                {k: getattr(e.location, a) for k, a in (_LOCATION_TEXT | _LOCATION_NUMBERS).items()}
-            ),
+            "Location": _compact({k: getattr(e.location, a) for k, a in _LOCATION.items()}),
             "Metrics": dict(e.metrics),
             "OptOut": e.opt_out.value,
             "RequestId": e.request_id,
