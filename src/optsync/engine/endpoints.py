@@ -114,9 +114,11 @@ def validate_batch(patches: Sequence[EndpointPatch]) -> None:
 
 def _merge_lists(
     old: Mapping[str, tuple[str, ...]], new: Mapping[str, tuple[str, ...]] | None
-) -> dict[str, tuple[str, ...]]:
+) -> Mapping[str, tuple[str, ...]]:
+    if not new:
+        return old  # endpoints are immutable: sharing the mapping is safe
     merged = dict(old)
-    merged.update(new or {})
+    merged.update(new)
     return merged
 
 
@@ -150,8 +152,9 @@ def merge(
             cohort_id=str(secrets.randbelow(100)),
             request_id=request_id,
         )
-    metrics = dict(existing.metrics)
-    metrics.update(patch.metrics or {})
+    metrics: Mapping[str, float] = existing.metrics
+    if patch.metrics:
+        metrics = {**existing.metrics, **patch.metrics}
     channel = patch.channel_type or existing.channel_type
     address = patch.address if patch.address is not None else existing.address
     location = existing.location.merged(patch.location)

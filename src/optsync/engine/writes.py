@@ -31,6 +31,7 @@ from optsync.engine.models import (
     PUSH_TOKEN_CHANNELS,
     Cause,
     CauseKind,
+    ChannelType,
     Endpoint,
     EndpointDelete,
     EndpointPatch,
@@ -44,7 +45,8 @@ __all__ = ("Bucket", "HistoryRow", "Row", "WriteBatch", "bucket", "peers_to_read
 Bucket = tuple[str, str, str, str]
 """The rollup row an endpoint counts in: (country alpha-2 or '', channel, status, opt-out)."""
 
-HistoryRow = tuple[str, str, str, str, str | None, str | None, str | None, str, str]
+HistoryRow = tuple[str, str, str, str, OptOut | None, OptOut | None, str | None, CauseKind, str]
+"""A consent_history row; the enum members bind as their text."""
 
 
 def bucket(e: Endpoint) -> Bucket:
@@ -127,7 +129,7 @@ class WriteBatch:
     tombs_removed: set[str] = field(default_factory=set)
     history: list[HistoryRow] = field(default_factory=list)
     counts: Counter[Bucket] = field(default_factory=Counter)
-    _by_address: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    _by_address: dict[tuple[str, ChannelType], set[str]] = field(default_factory=dict)
     _by_user: dict[str, set[str]] = field(default_factory=dict)
 
     # loading ----------------------------------------------------------------------------------
@@ -141,13 +143,13 @@ class WriteBatch:
 
     def _index(self, key: str, e: Endpoint) -> None:
         if e.address is not None:
-            self._by_address.setdefault((e.address, e.channel_type.value), set()).add(key)
+            self._by_address.setdefault((e.address, e.channel_type), set()).add(key)
         if e.user_id is not None:
             self._by_user.setdefault(e.user_id, set()).add(key)
 
     def _unindex(self, key: str, e: Endpoint) -> None:
         if e.address is not None:
-            self._by_address.get((e.address, e.channel_type.value), set()).discard(key)
+            self._by_address.get((e.address, e.channel_type), set()).discard(key)
         if e.user_id is not None:
             self._by_user.get(e.user_id, set()).discard(key)
 
@@ -180,15 +182,17 @@ class WriteBatch:
                 endpoint_key(e.id),
                 e.id,
                 self.now,
-                before.value if before else None,
-                after.value if after else None,
+                before,
+                after,
                 e.address,
-                cause.kind.value,
+                cause.kind,
                 cause.ref,
             )
         )
 
     def _check_names(self, e: Endpoint) -> None:
+        if not (e.attributes or e.user_attributes or e.metrics):
+            return
         names = {("A", n) for n in e.attributes}
         names |= {("U", n) for n in e.user_attributes}
         names |= {("M", n) for n in e.metrics}
@@ -290,7 +294,7 @@ class WriteBatch:
             and existing.channel_type is endpoint.channel_type
         )
         if endpoint.address is not None and not holds_address:
-            peers = self._by_address.get((endpoint.address, endpoint.channel_type.value), set())
+            peers = self._by_address.get((endpoint.address, endpoint.channel_type), set())
             for other in sorted(peers - {key}):
                 self._deactivate(other)
         if patch.user_attributes and endpoint.user_id:
