@@ -8,6 +8,7 @@ driver wants another paramstyle rewrite them in ``_sql``.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
@@ -235,6 +236,18 @@ def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
     return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
+@dataclass
+class _Job:
+    """One caller's write_endpoints, waiting for (or done in) a group transaction."""
+
+    app_id: str
+    writes: Sequence[EndpointPatch | EndpointDelete]
+    cause: Cause
+    result: WriteResult | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
 def _offset(token: str | None) -> int:
     if not token:
         return 0
@@ -251,6 +264,9 @@ class SqlStore(EndpointStore):
     def __init__(self, settings: StoreSettings | None = None) -> None:
         self.settings = settings or StoreSettings()
         self._written = 0
+        self._group = threading.Condition()
+        self._queue: list[_Job] = []
+        self._leading = False
 
     # hooks ------------------------------------------------------------------------------------
     @abstractmethod
@@ -639,16 +655,65 @@ class SqlStore(EndpointStore):
                 stale += 1
         return WriteResult(applied=applied, stale=stale, missing=missing)
 
+    def _write_job(self, cur: Cursor, job: _Job) -> WriteResult:
+        self._get_app(cur, job.app_id)
+        batch = self._begin_batch(cur, job.app_id, job.writes)
+        result = self._apply(batch, job.writes, job.cause)
+        self._finish_batch(cur, batch)
+        return result
+
     def write_endpoints(
         self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
     ) -> WriteResult:
-        with self._write() as cur:
-            self._get_app(cur, app_id)
-            batch = self._begin_batch(cur, app_id, writes)
-            result = self._apply(batch, writes, cause)
-            self._finish_batch(cur, batch)
+        """Apply ``writes`` in one transaction; concurrent callers share one commit.
+
+        Group commit: the first caller to find no transaction running takes every write
+        request queued so far and applies each in a savepoint of one transaction (a request
+        that fails is rolled back alone and gets its error); every caller returns once that
+        transaction has committed. With one caller at a time this is one transaction per call.
+        """
+        job = _Job(app_id, writes, cause)
+        with self._group:
+            self._queue.append(job)
+            while not job.done:
+                if self._leading:
+                    self._group.wait()
+                    continue
+                self._leading = True
+                jobs, self._queue = self._queue, []
+                self._group.release()
+                try:
+                    self._run_group(jobs)
+                finally:
+                    self._group.acquire()
+                    self._leading = False
+                    self._group.notify_all()
         self._after_writes()
-        return result
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        try:
+            with self._write() as cur:
+                if len(jobs) == 1:
+                    jobs[0].result = self._write_job(cur, jobs[0])
+                    return
+                for job in jobs:
+                    self._exec(cur, "SAVEPOINT optsync_job")
+                    try:
+                        job.result = self._write_job(cur, job)
+                    except Exception as exc:  # this request's error; the others go on
+                        self._exec(cur, "ROLLBACK TO optsync_job")
+                        job.error = exc
+                    self._exec(cur, "RELEASE optsync_job")
+        except BaseException as exc:  # the transaction failed: no request was applied
+            for job in jobs:
+                job.result, job.error = None, job.error or exc
+        finally:
+            for job in jobs:
+                job.done = True
 
     def _after_writes(self) -> None:
         """Hook: a store may refresh planner statistics now and then."""
