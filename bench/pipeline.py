@@ -25,6 +25,18 @@ the script exits 0 either way.
 
     .venv/bin/python bench/pipeline.py [--quick] [--json out.json] [--dir /mnt/disk] [--budget 300]
     .venv/bin/python bench/pipeline.py --profile [--quick]   # cProfile of the pipeline threads
+    .venv/bin/python bench/pipeline.py --capture-thread ...  # capture in a thread, not a process
+    .venv/bin/python bench/pipeline.py --stages [--quick]    # CPU us per change of each hop
+
+``--stages`` times each non-engine step alone on the same workload, in CPU time of the thread
+doing it (median of 3 where the step can be repeated): capture reading the backlog (with its
+acknowledgements), DMS encode, stream append (encode included), stream read + ack, DMS decode,
+mapping (phone-number cache cold, then warm) and ``ApplyWorker`` with an engine that does
+nothing (read, decode, mapping, DLQ, ack, stats).
+
+``Pipeline`` runs capture in a child process; ``--capture-thread`` runs it in a thread of this
+process instead (the layout before), to compare the two. CPU figures count the capture process
+too: "cores" is (this process + capture process CPU seconds) / wall seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import queue
 import random
 import shutil
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -60,9 +73,18 @@ from optsync.capture.sample import SAMPLE_DDL, SAMPLE_TABLE
 from optsync.capture.sqlite import CHANGE_TABLE, SQLiteSource
 from optsync.cli import SAMPLE_RULE
 from optsync.config import Settings, SourceSettings, load_settings
-from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointDelete, EndpointPatch
+from optsync.engine import phone as phone_numbers
+from optsync.engine.models import (
+    Cause,
+    CauseKind,
+    ChannelType,
+    EndpointDelete,
+    EndpointPatch,
+    WriteResult,
+)
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
+from optsync.formats import dms
 from optsync.pipeline import BATCH_SIZE, Pipeline, ensure_app
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
@@ -303,10 +325,14 @@ def open_engine(settings: Settings) -> tuple[SQLiteStore, str]:
 
 
 class ProfiledPipeline(Pipeline):
-    """A ``Pipeline`` whose capture and apply threads each run under their own cProfile."""
+    """A ``Pipeline`` whose capture and apply threads each run under their own cProfile.
+
+    Capture runs in a thread here (not in its own process, as ``Pipeline`` runs it), so that
+    one profiler can see it.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, capture_process=False, **kwargs)
         self.profiles: dict[str, cProfile.Profile] = {}
 
     def _capture(self) -> None:
@@ -355,7 +381,9 @@ class ThroughputRun:
     """Rows/s the writer committed while the pipeline ran."""
     applied_when_writer_done: int
     cpu_cores: float
-    """Process CPU seconds (capture + apply + this script's polling) per wall second."""
+    """CPU seconds (capture + apply + this script's polling) per wall second."""
+    capture_cores: float
+    """The capture process's share of ``cpu_cores`` (0 when capture runs in a thread)."""
     endpoints: int
     endpoints_expected: int
     dead: int
@@ -371,7 +399,20 @@ def backlogs(pipeline: Pipeline, source: sqlite3.Connection, consumer: str) -> t
     return captured, stats.head - stats.consumers.get(consumer, 0)
 
 
-def pipeline_throughput(root: Path, total: int, budget: float, *, profile: bool) -> ThroughputRun:
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far; 0 if it is not running."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipeline_throughput(
+    root: Path, total: int, budget: float, *, profile: bool, capture_process: bool = True
+) -> ThroughputRun:
     """The writer against the running pipeline; stops early after ``budget`` seconds."""
     settings = pipeline_settings(root / "pipeline")
     assert settings.source is not None
@@ -379,8 +420,10 @@ def pipeline_throughput(root: Path, total: int, budget: float, *, profile: bool)
     create_source(source_path)
     store, app_id = open_engine(settings)
     applied = Applied()
-    kind = ProfiledPipeline if profile else Pipeline
-    pipeline = kind(settings, store, on_applied=applied)
+    if profile:
+        pipeline: Pipeline = ProfiledPipeline(settings, store, on_applied=applied)
+    else:
+        pipeline = Pipeline(settings, store, on_applied=applied, capture_process=capture_process)
     monitor = sqlite3.connect(source_path, isolation_level=None)
     samples: list[tuple[float, int]] = []
     try:
@@ -388,6 +431,7 @@ def pipeline_throughput(root: Path, total: int, budget: float, *, profile: bool)
         if not pipeline.snapshot_done.wait(30):
             pipeline.check()
             raise RuntimeError("the pipeline did not finish its (empty) snapshot in 30 s")
+        child_started = process_cpu(pipeline.capture_pid)
         cpu_started, wall_started = time.process_time(), time.time()
         process, results = spawn(write_transactions, str(source_path), total)
         step, progress_at, last_count, last_time = total // 10, total // 10, 0, wall_started
@@ -414,6 +458,7 @@ def pipeline_throughput(root: Path, total: int, budget: float, *, profile: bool)
                 )
                 progress_at = (count // step + 1) * step
         cpu, wall = time.process_time() - cpu_started, time.time() - wall_started
+        child_cpu = process_cpu(pipeline.capture_pid) - child_started
         started, commits = collect(process, results, 120)
         seconds = applied.last - commits[0]
         done = commits[-1]
@@ -430,7 +475,8 @@ def pipeline_throughput(root: Path, total: int, budget: float, *, profile: bool)
             seconds=seconds,
             writer_rate=total / (commits[-1] - started),
             applied_when_writer_done=when_done,
-            cpu_cores=cpu / wall,
+            cpu_cores=(cpu + child_cpu) / wall,
+            capture_cores=child_cpu / wall,
             endpoints=store.count_endpoints(app_id),
             endpoints_expected=live_users(total),
             dead=stats.dead,
@@ -595,6 +641,86 @@ def ceilings(root: Path, total: int, budget: float) -> Ceilings:
 
 
 # --------------------------------------------------------------------------------------------
+# CPU per change of each hop (--stages)
+
+
+class NoEngine:
+    """A store whose ``write_endpoints`` does nothing: ``ApplyWorker`` without the engine."""
+
+    def write_endpoints(self, app_id: str, writes: Sequence[Any], cause: Cause) -> WriteResult:
+        return WriteResult(applied=len(writes))
+
+
+def stage_costs(root: Path, total: int) -> dict[str, float]:
+    """CPU microseconds per change of each non-engine step (see the module docstring)."""
+    folder = root / "stages"
+    folder.mkdir()
+    path = folder / "captured.db"
+    create_source(path)
+    source = SQLiteSource(path, (SAMPLE_TABLE,))
+    source.open(None)
+    batches = source.batches(BATCH_SIZE)
+    for batch in batches:
+        if json.loads(batch.state).get("phase") == "log":
+            break
+    process, results = spawn(write_transactions, str(path), total)
+    collect(process, results, 300)
+    events: list[ChangeEvent] = []
+    began = time.thread_time()
+    for batch in batches:
+        events.extend(batch.events)
+        source.acknowledge(batch.state)
+        if len(events) >= total or not batch.events:
+            break
+    costs = {"capture: read change rows, build events, ack": time.thread_time() - began}
+    source.close()
+    runs: dict[str, list[float]] = {}
+
+    def timed(name: str, step: Callable[[], object]) -> object:
+        began = time.thread_time()
+        result = step()
+        runs.setdefault(name, []).append(time.thread_time() - began)
+        return result
+
+    rule_mapper = Mapper((SAMPLE_RULE,))
+    for n in range(3):
+        data: Any = timed("dms.encode", lambda: [dms.encode(e) for e in events])
+        decoded: Any = timed("dms.decode", lambda d=data: [dms.decode(x) for x in d])
+        if n == 0:
+            phone_numbers.normalize.cache_clear()
+            timed("mapping, phone cache cold", lambda d=decoded: [rule_mapper.map(e) for e in d])
+        timed("mapping, phone cache warm", lambda d=decoded: [rule_mapper.map(e) for e in d])
+        stream = EmbeddedStream(folder / f"stream{n}.db")
+
+        def append(stream: EmbeddedStream = stream) -> None:
+            for i in range(0, len(events), BATCH_SIZE):
+                stream.append(events[i : i + BATCH_SIZE], Checkpoint("sqlite", f"{i}"))
+
+        def read(stream: EmbeddedStream = stream) -> None:
+            done = 0
+            while done < len(events):
+                records = stream.read("bench", BATCH_SIZE)
+                stream.ack("bench", records[-1].offset)
+                done += len(records)
+
+        timed("stream append (encode included)", append)
+        timed("stream read + ack", read)
+        dlq = DeadLetterQueue(folder / f"dlq{n}.db")
+        store: Any = NoEngine()
+        worker = ApplyWorker(stream, Mapper((SAMPLE_RULE,)), store, "bench", dlq)
+
+        def drain(worker: ApplyWorker = worker) -> None:
+            while worker.stats.records < len(events):
+                worker.step(BATCH_SIZE, wait=0)
+
+        timed("ApplyWorker without engine (read..ack)", drain)
+        stream.close()
+        dlq.close()
+    costs.update({name: statistics.median(values) for name, values in runs.items()})
+    return {name: seconds / len(events) * 1e6 for name, seconds in costs.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # latency
 
 
@@ -648,20 +774,21 @@ def latency_floor(root: Path, count: int) -> LatencyRun:
     return LatencyRun(latencies, count - len(latencies), rate)
 
 
-def pipeline_latency(root: Path, count: int) -> LatencyRun:
+def pipeline_latency(root: Path, count: int, *, capture_process: bool = True) -> LatencyRun:
     settings = pipeline_settings(root / "latency")
     assert settings.source is not None
     source_path = settings.source.sqlite_path
     create_source(source_path, LATENCY_SEED_USERS)
     store, _ = open_engine(settings)
     applied = Applied(markers={marker(n): n for n in range(count)})
-    pipeline = Pipeline(settings, store, on_applied=applied)
+    pipeline = Pipeline(settings, store, on_applied=applied, capture_process=capture_process)
     try:
         pipeline.start()
         deadline = time.monotonic() + 30
         while applied.count < LATENCY_SEED_USERS and time.monotonic() < deadline:
             pipeline.check()
             time.sleep(0.01)  # the snapshot of the seed users, applied before the clock starts
+        child_started = process_cpu(pipeline.capture_pid)
         cpu_started, wall_started = time.process_time(), time.monotonic()
         process, results = spawn(write_paced, str(source_path), count)
         commits, rate = collect(process, results, count / 1000 + 60)
@@ -669,7 +796,8 @@ def pipeline_latency(root: Path, count: int) -> LatencyRun:
         while len(applied.by_marker) < count and time.monotonic() < deadline:
             pipeline.check()
             time.sleep(0.01)
-        cores = (time.process_time() - cpu_started) / (time.monotonic() - wall_started)
+        cpu = time.process_time() - cpu_started + process_cpu(pipeline.capture_pid) - child_started
+        cores = cpu / (time.monotonic() - wall_started)
     finally:
         pipeline.stop()
         store.close()
@@ -762,6 +890,14 @@ def main() -> None:
         "--profile", action="store_true", help="only the throughput run, under cProfile"
     )
     parser.add_argument(
+        "--stages", action="store_true", help="only the CPU cost per change of each hop"
+    )
+    parser.add_argument(
+        "--capture-thread",
+        action="store_true",
+        help="run capture in a thread of the pipeline process (the layout before), not a process",
+    )
+    parser.add_argument(
         "--budget",
         type=float,
         default=300.0,
@@ -773,9 +909,14 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="optsync-bench-pipeline-", dir=args.dir))
     try:
         print(machine(root))
+        if args.stages:
+            print(f"\nCPU per change of each hop, {total:,} changes (median of 3, capture once)")
+            for name, micros in stage_costs(root, total).items():
+                print(f"  {name:45s} {micros:7.2f} us/change")
+            return
         if args.profile:
             print(f"\nthroughput under cProfile, {total:,} changes (rates are not representative)")
-            run = pipeline_throughput(root, total, args.budget, profile=True)
+            run = pipeline_throughput(root, total, args.budget, profile=True)  # capture thread
             print(f"  {run.rate:,.0f} changes/s under the profiler")
             for name, text in run.profiles.items():
                 print(f"\n--- {name} thread ---\n{text}")
@@ -785,8 +926,15 @@ def main() -> None:
             "(50% insert, 40% update, 10% delete)\n ceilings, each hop alone:"
         )
         limits = ceilings(root, total, args.budget)
-        print(" the pipeline (capture + apply threads in this process, writer in another):")
-        throughput = pipeline_throughput(root, total, args.budget, profile=False)
+        layout = (
+            "capture and apply threads in this process"
+            if args.capture_thread
+            else "apply thread in this process, capture in a child process"
+        )
+        print(f" the pipeline ({layout}, writer in another process):")
+        throughput = pipeline_throughput(
+            root, total, args.budget, profile=False, capture_process=not args.capture_thread
+        )
         complete = throughput.applied >= total
         check = (
             f"{throughput.endpoints:,} endpoints (expected {throughput.endpoints_expected:,})"
@@ -799,16 +947,17 @@ def main() -> None:
             f"  writer meanwhile: {throughput.writer_rate:,.0f} rows/s; applied when it "
             f"finished: {throughput.applied_when_writer_done:,} "
             f"({100 * throughput.applied_when_writer_done / total:.0f}%)\n"
-            f"  pipeline process CPU: {throughput.cpu_cores:.2f} cores\n"
+            f"  pipeline CPU: {throughput.cpu_cores:.2f} cores (capture process "
+            f"{throughput.capture_cores:.2f})\n"
             f"  check: {check}, {throughput.dead} dead letters, {throughput.stale} stale writes",
             flush=True,
         )
         print(f"\n2. commit -> applied latency, {paced:,} single-row commits, one per ms")
         floor = latency_floor(root, paced)
         print(f"  raw SQLite, data_version busy-poll:  {describe(floor)}", flush=True)
-        latency = pipeline_latency(root, paced)
+        latency = pipeline_latency(root, paced, capture_process=not args.capture_thread)
         print(f"  pipeline, commit -> on_applied:     {describe(latency)}")
-        print(f"  pipeline process CPU at 1k changes/s: {latency.cpu_cores:.2f} cores")
+        print(f"  pipeline CPU at 1k changes/s: {latency.cpu_cores:.2f} cores (both processes)")
 
         rows = summary(throughput, limits, latency, floor)
         print(f"\nsummary ({load()} at the end)")

@@ -11,9 +11,10 @@ never does.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+import msgspec
 
 __all__ = ("ChangeEvent", "Op", "Row", "position_of")
 
@@ -33,13 +34,15 @@ def position_of(number: int) -> str:
     return f"{number:020d}"
 
 
-@dataclass(frozen=True)
-class ChangeEvent:
+class ChangeEvent(msgspec.Struct, frozen=True):
     """One row change.
 
     ``before`` is the row before the change (updates and deletes, when the source has it);
     ``after`` the row after it (loads, inserts, updates). ``key`` holds the key columns that
     identify the row (the primary key, or every column for a table without one).
+
+    A frozen ``msgspec.Struct`` rather than a dataclass: every change is built twice on its way
+    (capture, then apply's decode), and a Struct is built ~9x faster.
     """
 
     op: Op
@@ -52,7 +55,7 @@ class ChangeEvent:
     commit_time: str | None = None
     """When the source committed the change: ISO-8601 UTC with milliseconds."""
     transaction_id: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = msgspec.field(default_factory=dict)
 
     @property
     def row(self) -> Row:
@@ -63,5 +66,4 @@ class ChangeEvent:
     @property
     def partition_key(self) -> str:
         """``schema.table.key...``: changes of one row share it, so they stay in order."""
-        parts = [self.schema, self.table, *(str(v) for v in self.key.values())]
-        return ".".join(parts)
+        return ".".join((self.schema, self.table, *map(str, self.key.values())))

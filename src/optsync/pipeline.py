@@ -1,17 +1,32 @@
-"""capture -> stream -> apply, running in threads of one process (``optsync up`` / ``run``).
+"""capture -> stream -> apply in one command (``optsync up`` / ``run``).
 
 Capture appends each batch to the stream together with the source checkpoint, and only then
 acknowledges the source; apply writes the engine, then the DLQ, then acknowledges the stream.
 A failure that retrying cannot fix stops the pipeline and is re-raised by ``check``.
+
+When one ``Pipeline`` runs both stages, capture runs in a child process (``spawn``) and apply
+in a thread of this one, so the two do not take turns on one GIL: apply (decode, mapping, the
+engine's SQL) is the slower stage, and capture's CPU would otherwise be taken from it
+(bench/pipeline.py: about +25% changes/s on 2 cores). The child shares nothing with this process
+but the files and a pipe: it sends its log records, snapshot progress, the switch to the log
+and its failure; it stops when told to, or when the pipe closes because this process died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import logging.handlers
+import multiprocessing
+import os
+import pickle
+import signal
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper
@@ -21,7 +36,7 @@ from optsync.capture.sqlite import SQLiteSource
 from optsync.config import Settings
 from optsync.engine.models import App
 from optsync.engine.store import EndpointStore
-from optsync.errors import ConfigError, Retryable
+from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent
 from optsync.stream.base import ChangeStream, Checkpoint
 from optsync.stream.embedded import EmbeddedStream
@@ -32,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
 RETRY_SECONDS = 0.5
+CHILD_STOP_SECONDS = 10.0
+"""How long a capture process may take to stop (finish its batch) before it is terminated."""
 
 
 def open_source(settings: Settings) -> ChangeSource:
@@ -59,7 +76,11 @@ def ensure_app(store: EndpointStore, name: str) -> App:
 
 
 class Pipeline:
-    """One capture thread and one apply thread over an embedded stream."""
+    """The capture and apply stages over an embedded stream.
+
+    ``capture_process``: run capture in a child process (default: when both stages run here);
+    False keeps it in a thread of this process.
+    """
 
     def __init__(
         self,
@@ -69,6 +90,7 @@ class Pipeline:
         progress: Progress | None = None,
         on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
         stages: Sequence[str] = ("capture", "apply"),
+        capture_process: bool | None = None,
     ) -> None:
         if "apply" in stages and not settings.mappings:
             raise ConfigError("no [[mapping]] rule: say how rows become endpoints")
@@ -76,6 +98,9 @@ class Pipeline:
         self.settings = settings
         self.store = store
         self.progress = progress
+        self.capture_process = (
+            {"capture", "apply"} <= set(self.stages) if capture_process is None else capture_process
+        )
         self.app = ensure_app(store, settings.app)
         self.stream: ChangeStream = EmbeddedStream(settings.stream_path)
         self.dlq = DeadLetterQueue(settings.dlq_path)
@@ -90,11 +115,14 @@ class Pipeline:
         )
         self.failure: BaseException | None = None
         self.snapshot_done = threading.Event()
+        self.capture_pid: int | None = None
+        """The capture process's id while it runs (None: capture runs in a thread, or not)."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        targets = {"capture": self._capture, "apply": self._apply}
+        capture = self._capture_child if self.capture_process else self._capture
+        targets = {"capture": capture, "apply": self._apply}
         if "capture" not in self.stages:
             self.snapshot_done.set()  # another process captures
         for name, target in ((n, targets[n]) for n in self.stages):
@@ -105,7 +133,9 @@ class Pipeline:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(
+                max(timeout, CHILD_STOP_SECONDS + 1) if thread.name == "capture" else timeout
+            )
         self.source.close()
         self.stream.close()
         self.dlq.close()
@@ -128,28 +158,52 @@ class Pipeline:
             self._stop.set()
 
     def _capture(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._capture_from_checkpoint()
-                return
-            except Retryable as exc:  # busy or locked: start again from the saved checkpoint
-                logger.warning("capture retry reason=%s", exc)
-                self.source.close()
-                self._stop.wait(RETRY_SECONDS)
+        capture(self.source, self.stream, self._stop, self.snapshot_done.set, self.progress)
 
-    def _capture_from_checkpoint(self) -> None:
-        saved = self.stream.checkpoint(self.source.name)
-        last = saved.state if saved else None
-        self.source.open(last)
-        for batch in self.source.batches(BATCH_SIZE, self.progress):
-            if self._stop.is_set():
-                return
-            if batch.events or batch.state != last:
-                self.stream.append(batch.events, Checkpoint(self.source.name, batch.state))
-                self.source.acknowledge(batch.state)
-                last = batch.state
-            if not self.snapshot_done.is_set() and json.loads(batch.state).get("phase") == "log":
+    def _capture_child(self) -> None:
+        """Capture in a child process; relays its logs, progress, snapshot switch and failure."""
+        context = multiprocessing.get_context("spawn")  # fork would copy SQLite connections
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=_capture_main,
+            args=(self.settings, theirs, logging.getLogger().getEffectiveLevel()),
+            kwargs={"progress": self.progress is not None},
+            name="optsync-capture",
+            daemon=True,
+        )
+        process.start()
+        theirs.close()
+        self.capture_pid = process.pid
+        try:
+            self._relay(ours, process)
+        finally:
+            self.capture_pid = None
+            _stop_child(ours, process)
+
+    def _relay(self, conn: Connection, process: BaseProcess) -> None:
+        while not self._stop.is_set():
+            if not conn.poll(0.1):
+                continue
+            try:
+                kind, *payload = conn.recv()
+            except (EOFError, OSError):
+                process.join(1.0)
+                if self._stop.is_set():
+                    return
+                raise Fatal(
+                    f"the capture process exited (code {process.exitcode}) without saying why; "
+                    "its log lines above may tell; start optsync again to resume from the "
+                    "saved checkpoint"
+                ) from None
+            if kind == "log":
+                record: logging.LogRecord = payload[0]
+                logging.getLogger(record.name).handle(record)
+            elif kind == "progress" and self.progress is not None:
+                self.progress(*payload)
+            elif kind == "log-phase":
                 self.snapshot_done.set()
+            elif kind == "failed":
+                raise payload[0]
 
     def _apply(self) -> None:
         while not self._stop.is_set():
@@ -158,3 +212,135 @@ class Pipeline:
             except (Retryable, sqlite3.OperationalError) as exc:  # locked or busy: try again
                 logger.warning("apply retry reason=%s", exc)
                 self._stop.wait(RETRY_SECONDS)
+
+
+def capture(
+    source: ChangeSource,
+    stream: ChangeStream,
+    stop: threading.Event,
+    on_log_phase: Callable[[], None],
+    progress: Progress | None = None,
+) -> None:
+    """Capture ``source`` into ``stream`` until ``stop``; restarts from the checkpoint on retry.
+
+    ``on_log_phase`` is called when the snapshot is done (at every batch from then on).
+    """
+    while not stop.is_set():
+        try:
+            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress)
+            return
+        except Retryable as exc:  # busy or locked: start again from the saved checkpoint
+            logger.warning("capture retry reason=%s", exc)
+            source.close()
+            stop.wait(RETRY_SECONDS)
+
+
+def _capture_from_checkpoint(
+    source: ChangeSource,
+    stream: ChangeStream,
+    stop: threading.Event,
+    on_log_phase: Callable[[], None],
+    progress: Progress | None,
+) -> None:
+    saved = stream.checkpoint(source.name)
+    last = saved.state if saved else None
+    source.open(last)
+    in_log = False
+    for batch in source.batches(BATCH_SIZE, progress):
+        if stop.is_set():
+            return
+        if batch.events or batch.state != last:
+            stream.append(batch.events, Checkpoint(source.name, batch.state))
+            source.acknowledge(batch.state)
+            last = batch.state
+        if not in_log and json.loads(batch.state).get("phase") == "log":
+            in_log = True
+            on_log_phase()
+
+
+# -- the capture process ----------------------------------------------------------------------
+
+
+class _Sender:
+    """Sends messages to the parent from any thread of the child; silent once it is gone."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, *message: object) -> None:
+        # OSError: the parent died or closed the pipe; the watcher stops this process.
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.conn.send(message)
+
+    def put_nowait(self, record: logging.LogRecord) -> None:
+        """``QueueHandler``'s queue: log records go to the parent's handlers."""
+        self.send("log", record)
+
+
+def _capture_main(settings: Settings, conn: Connection, level: int, *, progress: bool) -> None:
+    """The capture process: ``capture`` until the parent says stop or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    sender = _Sender(conn)
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(sender)]  # type: ignore[arg-type]
+    root.setLevel(level)
+    stop = threading.Event()
+    threading.Thread(target=_watch_parent, args=(conn, stop), name="watch", daemon=True).start()
+    source = open_source(settings)
+    stream = EmbeddedStream(settings.stream_path)
+    report: Progress | None = None
+    if progress:
+
+        def report(table: str, done: int, expected: int | None) -> None:
+            sender.send("progress", table, done, expected)
+
+    try:
+        capture(source, stream, stop, lambda: sender.send("log-phase"), report)
+    except BaseException as exc:
+        logger.exception("capture process stopped")
+        sender.send("failed", _picklable(exc))
+    finally:
+        source.close()
+        stream.close()
+        conn.close()
+
+
+def _watch_parent(conn: Connection, stop: threading.Event) -> None:
+    """Set ``stop`` when the parent says so or dies (the pipe closes); exit if stuck after it."""
+    try:
+        while conn.recv() != ("stop",):
+            pass
+    except (EOFError, OSError):
+        logger.info("capture process stopping reason=parent-gone")
+    stop.set()
+    threading.Event().wait(CHILD_STOP_SECONDS)
+    os._exit(1)  # still here: a source call that does not return; the checkpoint is safe
+
+
+def _stop_child(conn: Connection, process: BaseProcess) -> None:
+    with contextlib.suppress(OSError, ValueError):  # it may be gone already
+        conn.send(("stop",))
+    while process.is_alive() and conn.poll(0.05):  # keep its last log lines
+        try:
+            kind, *payload = conn.recv()
+        except (EOFError, OSError):
+            break
+        if kind == "log":
+            record: logging.LogRecord = payload[0]
+            logging.getLogger(record.name).handle(record)
+    process.join(CHILD_STOP_SECONDS)
+    if process.is_alive():
+        logger.warning("capture process did not stop in time; terminating it")
+        process.terminate()
+        process.join(5)
+    conn.close()
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling, else a ``Fatal`` with its text."""
+    with contextlib.suppress(Exception):  # any pickling problem: fall back to the text
+        copy = pickle.loads(pickle.dumps(exc))  # noqa: S301 - our own object, just pickled
+        if isinstance(copy, BaseException):
+            return copy
+    return Fatal(f"{type(exc).__name__}: {exc}")

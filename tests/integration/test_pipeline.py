@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +32,10 @@ from optsync.capture.sqlite import CHANGE_TABLE
 from optsync.config import Settings, SourceSettings, load_settings
 from optsync.engine.models import CauseKind, ChannelType, Endpoint, OptOut
 from optsync.engine.sqlite import SQLiteStore
-from optsync.errors import NotFound
+from optsync.errors import Fatal, NotFound
 from optsync.formats import dms
 from optsync.pipeline import Pipeline
+from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
 pytestmark = pytest.mark.integration
@@ -509,3 +514,94 @@ def test_snapshot_and_log_with_concurrent_writes_converge(
     finally:
         stop.set()
         writer.join(60)
+
+
+# -- 6. capture in its own process ----------------------------------------------------------
+
+
+def test_capture_runs_in_a_child_process_whose_logs_and_failure_reach_this_one(
+    tmp_path: Path, sample: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tmp_path)
+    assert settings.source is not None
+    stream = EmbeddedStream(settings.stream_path)
+    try:
+        stream.append([], Checkpoint(settings.source.source_name, "not a capture state"))
+    finally:
+        stream.close()
+    store = SQLiteStore(settings.engine_path, settings.engine)
+    pipeline = Pipeline(settings, store)
+    try:
+        assert pipeline.capture_process
+        pids = set()
+        with caplog.at_level(logging.INFO):
+            pipeline.start()
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while pipeline.failure is None:
+                pids.add(pipeline.capture_pid)
+                assert time.monotonic() < deadline, "the capture process did not fail"
+                time.sleep(0.01)
+        assert pids - {None, os.getpid()}, "capture did not run in a process of its own"
+        with pytest.raises(Fatal, match=r"saved capture state .* is not readable"):
+            pipeline.check()
+        child = [r for r in caplog.records if r.getMessage().startswith("capture process stopped")]
+        assert child, "the capture process's log records were not relayed"
+    finally:
+        pipeline.stop()
+        store.close()
+
+
+KILLED_PIPELINE = """
+import dataclasses, sys, time
+from pathlib import Path
+from optsync.capture.sample import SAMPLE_TABLE
+from optsync.cli import SAMPLE_RULE
+from optsync.config import SourceSettings, load_settings
+from optsync.engine.sqlite import SQLiteStore
+from optsync.pipeline import Pipeline
+
+folder = Path(sys.argv[1])
+settings = dataclasses.replace(
+    load_settings(None, env={}),
+    data_dir=folder / "data",
+    source=SourceSettings(url=f"sqlite:///{folder / 'app.db'}", tables=(SAMPLE_TABLE,)),
+    mappings=(SAMPLE_RULE,),
+    serve_api=False,
+)
+pipeline = Pipeline(settings, SQLiteStore(settings.engine_path, settings.engine))
+pipeline.start()
+assert pipeline.snapshot_done.wait(30)
+print(pipeline.capture_pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_pipeline_process_leaves_no_capture_process_behind(
+    tmp_path: Path, sample: Path
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_PIPELINE, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        child = int(process.stdout.readline())
+        assert child != process.pid
+        os.kill(child, 0)  # it runs
+        process.kill()  # SIGKILL: no clean-up, the pipe to the capture process just closes
+        process.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and _state(child) != "Z":
+            assert time.monotonic() < deadline, "the capture process outlived its parent by 10 s"
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def _state(pid: int) -> str:
+    """The process state letter (Z: exited, not reaped yet); "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

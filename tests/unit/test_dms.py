@@ -16,6 +16,7 @@ from optsync.formats.dms import (
     MalformedRecord,
     decode,
     encode,
+    encode_many,
     event_to_dms,
 )
 
@@ -103,6 +104,40 @@ def test_encode_is_compact_utf8_json() -> None:
 def test_encode_refuses_values_json_cannot_carry(bad: object) -> None:
     with pytest.raises(MalformedRecord, match="optin_status"):
         encode(event(after={**ROW, "optin": bad}))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[1, float("nan")], {"nested": float("-inf")}, b"bytes", {1, 2}],
+    ids=["nan-in-list", "inf-in-object", "bytes", "set"],
+)
+def test_encode_refuses_nested_and_non_json_values_as_json_does(bad: object) -> None:
+    # msgspec would write NaN as null and bytes as base64: only the standard library decides.
+    with pytest.raises(MalformedRecord, match="optin_status"):
+        encode(event(after={**ROW, "optin": bad}))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["Zoë ☎ \u2028", 2**70, -(2**63) - 1, 1e16, 0.1, -0.0, True, None, ["a", 1, [2.5]],
+     {"a": {"b": None}}, (1, 2)],
+    ids=["unicode", "big-int", "small-int", "1e16", "0.1", "minus-zero", "bool", "null", "list",
+         "object", "tuple"],
+)  # fmt: skip
+def test_encode_reads_back_as_the_standard_library_writes_it(value: object) -> None:
+    original = event(Op.UPDATE, before={**OLD, "extra": value}, after={**ROW, "extra": value})
+    record = json.loads(encode(original))
+    expected = json.loads(json.dumps(event_to_dms(original), ensure_ascii=False))
+    record["metadata"].pop("timestamp")
+    expected["metadata"].pop("timestamp")
+    assert record == expected
+
+
+def test_encode_many_stamps_one_batch_with_one_timestamp() -> None:
+    records = [json.loads(data) for data in encode_many([event(), event(Op.DELETE, before=OLD)])]
+    stamps = {r["metadata"]["timestamp"] for r in records}
+    assert len(stamps) == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamps.pop())
 
 
 def test_a_lambda_written_for_dms_reads_our_record() -> None:
@@ -388,6 +423,20 @@ def with_metadata(key: str, value: object, *, ours: bool = False) -> bytes:
         record["metadata"][KEY_COLUMNS] = ["userid"]
     record["metadata"][key] = value
     return raw(record)
+
+
+def test_decode_agrees_with_the_standard_library_where_msgspec_refuses() -> None:
+    # msgspec refuses numbers beyond a double; json reads them as infinity.
+    record = dms_record()
+    record["data"]["score"] = 1
+    data = raw(record).replace(b'"score": 1', b'"score": 1e400')
+    assert decode(data).row["score"] == json.loads(data)["data"]["score"] == float("inf")
+
+
+def test_invalid_utf8_inside_a_string_is_malformed() -> None:
+    data = raw(dms_record()).replace(b"user1", b"user\xff")
+    with pytest.raises(MalformedRecord, match="not UTF-8"):
+        decode(data)
 
 
 @pytest.mark.parametrize(

@@ -286,6 +286,15 @@ def test_update_keeping_the_id_is_a_plain_upsert() -> None:
     assert patch.opt_out is OptOut.ALL
 
 
+def test_an_id_value_equal_but_of_another_type_is_another_endpoint() -> None:
+    # 1 == 1.0, yet "{userid}" makes "1" of one and "1.0" of the other: two endpoint ids.
+    mapped = Mapper([SAMPLE]).map(
+        event(Op.UPDATE, after={**ROW, "userid": 1.0}, before={**ROW, "userid": 1})
+    )
+    assert [type(w) for w in mapped.writes] == [EndpointDelete, EndpointPatch]
+    assert [w.id for w in mapped.writes] == ["1_+12341111111", "1.0_+12341111111"]
+
+
 def test_ids_differing_only_in_case_are_one_endpoint() -> None:
     change = email_event("ann@example.com", op=Op.UPDATE, before={
         "userid": "u1", "email": "Ann@Example.com", "newsletter": True})  # fmt: skip

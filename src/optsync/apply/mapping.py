@@ -45,6 +45,9 @@ OPT_IN_TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})
 OPT_IN_FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 _FORBIDDEN_ID_CHARS = frozenset("${}")
+_NO_COLUMNS: frozenset[str] = frozenset()
+_MATCHING_CACHE = 10_000
+"""Tables whose matching rules ``Mapper`` remembers (a bound, should names be unbounded)."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FULL_BEFORE_IMAGE = (
     "capture full before images (MySQL: binlog_row_image=FULL; PostgreSQL: ALTER TABLE ... "
@@ -145,10 +148,18 @@ class Mapper:
             raise ConfigError(f"unmapped = {unmapped!r}: use 'dlq' or 'skip'")
         self.rules = tuple(rules)
         self.unmapped = unmapped
+        self._matching: dict[tuple[str, str], tuple[MappingRule, ...]] = {}
+        """(schema, table) -> the rules that match it, found once per table."""
 
     def map(self, event: ChangeEvent) -> Mapped:
         """The writes for ``event``; ``MappingError`` if nothing safe can be written."""
-        rules = [rule for rule in self.rules if rule.matches(event)]
+        rules = self._matching.get((event.schema, event.table))
+        if rules is None:
+            rules = tuple(rule for rule in self.rules if rule.matches(event))
+            if len(self._matching) < _MATCHING_CACHE:
+                self._matching[event.schema, event.table] = rules
+        if len(rules) == 1:
+            return _map(rules[0], event)  # its MappingError and Mapped are the ones below
         if not rules:
             if self.unmapped == "skip":
                 return Mapped(())
@@ -197,11 +208,24 @@ def _map(rule: MappingRule, event: ChangeEvent) -> Mapped:
 
 
 def _old_id(rule: MappingRule, event: ChangeEvent) -> str | None:
-    """The endpoint id of the before image of an update, when it holds every id column."""
+    """The endpoint id of the before image of an update, when it holds every id column.
+
+    None too when the id columns hold the same values before and after: the id is the same,
+    and an update that changes only the opt-in (the usual one) skips building it twice.
+    """
     before = event.before
     if event.op is not Op.UPDATE or not before:
         return None
-    if any(before.get(c) is None for c in rule.id_columns):
+    after = event.after or {}
+    same = True
+    for column in rule.id_columns:
+        old = before.get(column)
+        if old is None:
+            return None
+        new = after.get(column)
+        # Equal and of one type: 1 == True == 1.0, but they format differently.
+        same = same and (old is new or (type(old) is type(new) and old == new))
+    if same:
         return None
     try:
         return _endpoint_id(rule, before)
@@ -223,7 +247,8 @@ UNCHANGED_TOAST = "unchanged_toast"
 
 def _upsert(rule: MappingRule, event: ChangeEvent) -> EndpointPatch:
     row = event.row
-    unchanged = frozenset(event.extra.get(UNCHANGED_TOAST, ()))
+    toast = event.extra.get(UNCHANGED_TOAST) if event.extra else None
+    unchanged = frozenset(toast) if toast else _NO_COLUMNS
     hidden_id = unchanged.intersection(rule.id_columns)
     if hidden_id:
         raise MappingError(
@@ -249,15 +274,16 @@ def _upsert(rule: MappingRule, event: ChangeEvent) -> EndpointPatch:
 
 
 def _endpoint_id(rule: MappingRule, row: Row) -> str:
-    missing = [c for c in rule.id_columns if row.get(c) is None]
-    if missing:
+    values = {c: row.get(c) for c in rule.id_columns}
+    if None in values.values():
+        missing = [c for c, value in values.items() if value is None]
         raise MappingError(
             f"column(s) {_names(missing)} used by the endpoint id template "
             f"{rule.id_template!r} are NULL or missing: make them NOT NULL or change "
             "endpoint_id in the [[mapping]] rule"
         )
     try:
-        endpoint_id = rule.id_template.format_map({c: row[c] for c in rule.id_columns})
+        endpoint_id = rule.id_template.format_map(values)
     except (ValueError, TypeError) as exc:
         raise MappingError(
             f"the endpoint id template {rule.id_template!r} does not fit the row's values "
@@ -267,8 +293,8 @@ def _endpoint_id(rule: MappingRule, row: Row) -> str:
         raise MappingError(
             f"the endpoint id template {rule.id_template!r} gives an empty id for this row"
         )
-    bad = _FORBIDDEN_ID_CHARS.intersection(endpoint_id)
-    if bad:
+    if "$" in endpoint_id or "{" in endpoint_id or "}" in endpoint_id:
+        bad = _FORBIDDEN_ID_CHARS.intersection(endpoint_id)
         raise MappingError(
             f"the endpoint id built by {rule.id_template!r} contains {', '.join(sorted(bad))}, "
             "which Pinpoint forbids in ids: change endpoint_id in the [[mapping]] rule"

@@ -95,6 +95,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import msgspec
+
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent, Op, position_of
@@ -132,6 +134,7 @@ CREATE TABLE IF NOT EXISTS {CHANGE_TABLE} (
 )
 """
 _OPS: Final = {"INSERT": Op.INSERT, "UPDATE": Op.UPDATE, "DELETE": Op.DELETE}
+_IMAGES: Final = msgspec.json.Decoder()
 
 Phase = Literal["snapshot", "log"]
 
@@ -144,6 +147,15 @@ def _quote(name: str) -> str:
 def _literal(text: str) -> str:
     """An SQL string literal."""
     return "'" + text.replace("'", "''") + "'"
+
+
+def _image(text: str) -> dict[str, Any]:
+    """A row image ``json_object`` wrote, as a dict."""
+    try:
+        row: dict[str, Any] = _IMAGES.decode(text)
+    except ValueError:  # msgspec refuses 9.0e+999, SQLite's text of an infinite REAL
+        row = json.loads(text)
+    return row
 
 
 def _trigger_name(table: str, op: str) -> str:
@@ -615,7 +627,7 @@ class SQLiteSource(ChangeSource):
         yield CaptureBatch((), state.dump())
 
     def _load(self, table: _Table, rid: int, image: str, position: str) -> ChangeEvent:
-        row = json.loads(image)
+        row = _image(image)
         return ChangeEvent(
             op=Op.LOAD,
             table=table.name,
@@ -664,8 +676,8 @@ class SQLiteSource(ChangeSource):
                 f"source {self.name!r}: change row {seq} of {CHANGE_TABLE} has op {op!r}; "
                 "the change table was written by something other than optsync's triggers"
             )
-        before_row = json.loads(before) if before is not None else None
-        after_row = json.loads(after) if after is not None else None
+        before_row = _image(before) if before is not None else None
+        after_row = _image(after) if after is not None else None
         row = before_row if kind is Op.DELETE else after_row
         return ChangeEvent(
             op=kind,

@@ -10,14 +10,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 from optsync.events import ChangeEvent
 
 __all__ = ("ChangeStream", "Checkpoint", "StreamRecord", "StreamStats")
 
 
-@dataclass(frozen=True)
-class StreamRecord:
-    """One stored record: its offset in the stream, partition key and raw bytes."""
+class StreamRecord(msgspec.Struct, frozen=True):
+    """One stored record: its offset in the stream, partition key and raw bytes.
+
+    A ``msgspec.Struct``: apply builds one per record, and a Struct is built ~5x faster than a
+    frozen dataclass.
+    """
 
     offset: int
     partition_key: str

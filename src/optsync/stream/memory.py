@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 
 from optsync.events import ChangeEvent
-from optsync.formats.dms import encode
+from optsync.formats.dms import encode_many
 from optsync.stream.base import ChangeStream, Checkpoint, StreamRecord, StreamStats
 
 __all__ = ("MemoryStream",)
@@ -32,7 +32,11 @@ class MemoryStream(ChangeStream):
 
     def append(self, events: Sequence[ChangeEvent], checkpoint: Checkpoint | None = None) -> int:
         """Store events not stored yet, and the checkpoint; wake waiting readers."""
-        encoded = [(e.partition_key, f"{e.partition_key}@{e.position}", encode(e)) for e in events]
+        keys = [e.partition_key for e in events]
+        encoded = [
+            (key, f"{key}@{e.position}", data)
+            for key, e, data in zip(keys, events, encode_many(events), strict=True)
+        ]
         with self._changed:
             self._check_open()
             now = time.time()
