@@ -48,6 +48,7 @@ from optsync.errors import ConfigError
 from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app, open_source
 from optsync.prefcenter import create_prefcenter, prefs_context
+from optsync.runtime import tune_gc
 from optsync.status import read_status, to_prometheus
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
@@ -131,6 +132,7 @@ def _serve(
         lifespan="off",
     )
     server = uvicorn.Server(config)
+    tune_gc()
     if pipeline is not None:
 
         def watch() -> None:

@@ -38,6 +38,7 @@ from optsync.engine.models import App
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent
+from optsync.runtime import IdleCollector, tune_gc
 from optsync.stream.base import ChangeStream, Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
@@ -121,6 +122,8 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Start the stages; also tunes this process's garbage collector (``optsync.runtime``)."""
+        tune_gc()
         capture = self._capture_child if self.capture_process else self._capture
         targets = {"capture": capture, "apply": self._apply}
         if "capture" not in self.stages:
@@ -206,9 +209,11 @@ class Pipeline:
                 raise payload[0]
 
     def _apply(self) -> None:
+        collector = IdleCollector()
         while not self._stop.is_set():
             try:
-                self.worker.step(BATCH_SIZE, wait=0.1)
+                if self.worker.step(BATCH_SIZE, wait=0.1) == 0:
+                    collector.idle()
             except (Retryable, sqlite3.OperationalError) as exc:  # locked or busy: try again
                 logger.warning("apply retry reason=%s", exc)
                 self._stop.wait(RETRY_SECONDS)
@@ -281,6 +286,7 @@ class _Sender:
 def _capture_main(settings: Settings, conn: Connection, level: int, *, progress: bool) -> None:
     """The capture process: ``capture`` until the parent says stop or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    tune_gc()
     sender = _Sender(conn)
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(sender)]  # type: ignore[arg-type]
