@@ -78,6 +78,7 @@ from optsync.capture.mysql import MySQLSource
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
+from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
@@ -301,6 +302,7 @@ class Seen:
 
 def apply_process(folder: str, stop: Any, results: Any) -> None:
     """``optsync apply`` alone: an ``ApplyWorker`` on the stream and engine in ``folder``."""
+    tune_gc()
     stream = EmbeddedStream(Path(folder) / "stream.db")
     store = SQLiteStore(Path(folder) / "engine.db")
     dlq = DeadLetterQueue(Path(folder) / "dlq.db")
@@ -741,6 +743,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the work")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
+    tune_gc()  # what optsync run and optsync apply do in their processes
     changes = 20_000 if args.quick else 200_000
     snapshot_rows = 100_000 if args.quick else 1_000_000
     paced = 3_000 if args.quick else 10_000

@@ -54,6 +54,7 @@ from optsync.capture.postgres import PostgresSource
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
 from optsync.formats import dms
+from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint, StreamRecord
 from optsync.stream.embedded import EmbeddedStream
 
@@ -534,6 +535,7 @@ def main() -> None:
         "--only", choices=("log", "snapshot", "latency"), help="run one of the figures"
     )
     args = parser.parse_args()
+    tune_gc()  # what optsync run and optsync apply do in their processes
     changes = 20_000 if args.quick else 200_000
     log_rows = 10_000 if args.quick else 50_000
     snapshot_rows = 100_000 if args.quick else 1_000_000
