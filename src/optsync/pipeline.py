@@ -285,7 +285,10 @@ class _Sender:
 
 def _capture_main(settings: Settings, conn: Connection, level: int, *, progress: bool) -> None:
     """The capture process: ``capture`` until the parent says stop or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    # Ctrl-C, and SIGTERM sent to the whole group (systemd, docker, timeout), reach the parent
+    # too, which stops us over the pipe; a parent that dies closes the pipe, which stops us too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tune_gc()
     sender = _Sender(conn)
     root = logging.getLogger()

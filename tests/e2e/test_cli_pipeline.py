@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shlex
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -27,6 +28,7 @@ from pipeline_e2e import (
     Layout,
     Optsync,
     app_db,
+    optsync_command,
     require_sqlite3_binary,
     run_cli,
     wait_for,
@@ -322,3 +324,42 @@ def test_dlq_lists_a_poison_row_and_replay_fails_until_the_mapping_is_fixed(
     listed = run_cli("dlq", "list", "--all", "--config", str(config), cwd=tmp_path)
     assert listed.returncode == 0
     assert "yes" in listed.stdout  # shown as replayed
+
+
+def test_sigterm_to_the_process_group_stops_up_cleanly(tmp_path: Path) -> None:
+    """A service manager's stop (SIGTERM to every process of the group) is a clean shutdown."""
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            [*optsync_command(), "up", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=clean_env(OPTSYNC_API_CREDENTIALS=f"{KEY_ID}:{SECRET}"),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+
+        def serving() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while not serving():
+            assert process.poll() is None, log.read_text(errors="replace")[-4000:]
+            assert time.monotonic() < deadline, "optsync up did not serve within 30 s"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGTERM)
+        # uvicorn shuts down, then re-raises the signal: ending by SIGTERM is the normal end.
+        code = process.wait(20)
+        assert code in (0, -signal.SIGTERM), log.read_text(errors="replace")[-4000:]
+        output = log.read_text(errors="replace")
+        assert "capture process exited" not in output, output[-4000:]
+        assert "Traceback" not in output, output[-4000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
