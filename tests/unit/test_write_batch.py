@@ -27,6 +27,10 @@ from optsync.engine.models import (
 )
 from optsync.engine.sqlite import SQLiteStore
 
+ROLLUP = (
+    "SELECT country_code, channel_type, status, opt_out, n FROM endpoint_counts "
+    "WHERE app_id = ? AND n <> 0 ORDER BY 1, 2, 3, 4"
+)
 CHANNELS = [ChannelType.SMS, ChannelType.EMAIL, ChannelType.GCM, ChannelType.APNS]
 ADDRESSES = {
     ChannelType.SMS: ["+12065550100", "+12065550101", "+447400123456"],
@@ -97,11 +101,7 @@ def _state(store: SQLiteStore, app_id: str) -> dict[str, Any]:
     tombstones = conn.execute(
         "SELECT id_key, position FROM tombstones WHERE app_id = ? ORDER BY id_key", (app_id,)
     ).fetchall()
-    rollup = conn.execute(
-        "SELECT country_code, channel_type, status, opt_out, n FROM endpoint_counts "
-        "WHERE app_id = ? AND n <> 0 ORDER BY 1, 2, 3, 4",
-        (app_id,),
-    ).fetchall()
+    rollup = conn.execute(ROLLUP, (app_id,)).fetchall()
     return {"endpoints": endpoints, "history": history, "tombs": tombstones, "rollup": rollup}
 
 
@@ -134,11 +134,7 @@ def _check_side_rows(store: SQLiteStore, app_id: str) -> None:
         "FROM endpoints WHERE app_id = ? GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
         (app_id,),
     ).fetchall()
-    rollup = conn.execute(
-        "SELECT country_code, channel_type, status, opt_out, n FROM endpoint_counts "
-        "WHERE app_id = ? AND n <> 0 ORDER BY 1, 2, 3, 4",
-        (app_id,),
-    ).fetchall()
+    rollup = conn.execute(ROLLUP, (app_id,)).fetchall()
     assert rollup == grouped
 
 
