@@ -281,7 +281,7 @@ def serve(
     help="Serve the sample preference center (the demo app) at /prefs.",
 )
 def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
-    """Everything in one process on embedded parts, seeded with the AWS sample's nine users."""
+    """Everything from one command on embedded parts, seeded with the AWS sample's nine users."""
     settings = _sample_settings(data_dir, host, port, load_settings(None))
     app_db = data_dir / "app.db"
     created = create_sample_database(app_db)
