@@ -548,6 +548,13 @@ class SqlStore(EndpointStore):
                 batch.tombs[key] = position
         return batch
 
+    def _rebuild_attribute_rows(self, cur: Cursor) -> None:
+        """Write the attribute rows of every endpoint into an empty ``endpoint_attributes``."""
+        rows = self._exec(cur, f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints").fetchall()
+        attributes = [a for r in rows for a in _attribute_rows(int(r[0]), _row_to_endpoint(r[1:]))]
+        if attributes:
+            cur.executemany(self._sql(_INSERT_ATTRIBUTE), attributes)
+
     def _finish_batch(self, cur: Cursor, batch: WriteBatch) -> None:
         """Write the batch's outcome: endpoints, side rows, tombstones, history, rollup."""
         app_id = batch.app_id

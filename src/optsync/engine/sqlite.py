@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
@@ -10,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from optsync.engine.segments import iso_instant_ms
-from optsync.engine.sql import _INSERT_ATTRIBUTE, Cursor, SqlStore, StoreSettings
+from optsync.engine.sql import Cursor, SqlStore, StoreSettings
 
 __all__ = ("SQLiteStore",)
 
@@ -186,18 +184,23 @@ class SQLiteStore(SqlStore):
         # 64 MiB of page cache (the default is 2 MiB): index pages of a million endpoints stay
         # in memory instead of being read back from the OS on every batch.
         self._conn.execute("PRAGMA cache_size = -65536")
-        self._migrate()
+        rebuild = self._migrate()
         self._conn.executescript(SCHEMA)
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._fill_rollup()
-        self._fill_attributes()
+        if rebuild:
+            with self._write() as cur:
+                self._rebuild_attribute_rows(cur)
         # Cheap statistics so the planner drives attribute filters from the attribute index.
         self._conn.execute("PRAGMA analysis_limit = 1000")
         self._conn.execute("PRAGMA optimize = 0x10002")
         self._optimized_at = 0
 
-    def _migrate(self) -> None:
-        """Bring an engine file written by an earlier version up to ``SCHEMA_VERSION``."""
+    def _migrate(self) -> bool:
+        """Bring an engine file written by an earlier version up to ``SCHEMA_VERSION``.
+
+        True when ``endpoint_attributes`` was dropped and must be refilled once the schema exists.
+        """
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         exists = self._conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = 'endpoint_attributes'"
@@ -206,25 +209,8 @@ class SQLiteStore(SqlStore):
             # Version 1 kept attribute rows without the rollup columns: rebuild them.
             log.info("engine schema: rebuilding endpoint_attributes for version 2")
             self._conn.execute("DROP TABLE endpoint_attributes")
-
-    def _fill_attributes(self) -> None:
-        """Explode the endpoints' attribute JSON into an empty attribute table (after a rebuild)."""
-        with self._write() as cur:
-            if cur.execute("SELECT 1 FROM endpoint_attributes LIMIT 1").fetchone() is not None:
-                return
-            if cur.execute("SELECT 1 FROM endpoints LIMIT 1").fetchone() is None:
-                return
-            for pk, app_id, attributes, user_attributes, *rollup in cur.execute(
-                "SELECT pk, app_id, attributes, user_attributes, COALESCE(country_code, ''), "
-                "channel_type, status, opt_out FROM endpoints"
-            ).fetchall():
-                rows = [
-                    (pk, app_id, kind, name, value, iso_instant_ms(value), *rollup)
-                    for kind, text in (("A", attributes), ("U", user_attributes))
-                    for name, items in json.loads(text).items()
-                    for value in dict.fromkeys(items)
-                ]
-                cur.executemany(_INSERT_ATTRIBUTE, rows)
+            return True
+        return False
 
     def _fill_rollup(self) -> None:
         """Count endpoints into an empty rollup (an engine file from before it existed)."""
