@@ -78,6 +78,7 @@ from optsync.capture.mysql import MySQLSource
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
+from optsync.pipeline import SYNC_SECONDS
 from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
@@ -309,7 +310,15 @@ def apply_process(folder: str, stop: Any, results: Any) -> None:
     app = store.find_app("optin-demo")
     assert app is not None
     seen = Seen(track=True)
-    worker = ApplyWorker(stream, Mapper([RULE]), store, app.id, dlq, on_applied=seen.on_applied)
+    worker = ApplyWorker(
+        stream,
+        Mapper([RULE]),
+        store,
+        app.id,
+        dlq,
+        on_applied=seen.on_applied,
+        sync_interval=SYNC_SECONDS,
+    )
     reported = 0.0
     while not stop.is_set():
         worker.step(BATCH, wait=0.05)
@@ -348,6 +357,7 @@ class Pipeline:
             app.id,
             self.dlq,
             on_applied=self.seen.on_applied,
+            sync_interval=SYNC_SECONDS,
         )
         self.source = MySQLSource(url, tables, **options)
         self.snapshot_done = threading.Event()

@@ -647,8 +647,13 @@ def ceilings(root: Path, total: int, budget: float) -> Ceilings:
 class NoEngine:
     """A store whose ``write_endpoints`` does nothing: ``ApplyWorker`` without the engine."""
 
-    def write_endpoints(self, app_id: str, writes: Sequence[Any], cause: Cause) -> WriteResult:
+    def write_endpoints(
+        self, app_id: str, writes: Sequence[Any], cause: Cause, *, durable: bool = True
+    ) -> WriteResult:
         return WriteResult(applied=len(writes))
+
+    def sync(self) -> None:
+        pass
 
 
 def stage_costs(root: Path, total: int) -> dict[str, float]:

@@ -54,6 +54,7 @@ from optsync.capture.postgres import PostgresSource
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
 from optsync.formats import dms
+from optsync.pipeline import SYNC_SECONDS
 from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint, StreamRecord
 from optsync.stream.embedded import EmbeddedStream
@@ -146,7 +147,13 @@ class Pipe:
         self.on_event: Callable[[Sequence[ChangeEvent]], None] | None = None
         self.on_stored: Callable[[Sequence[ChangeEvent]], None] | None = None
         self.worker = ApplyWorker(
-            self.stream, Mapper([RULE]), self.store, self.app.id, self.dlq, on_applied=self._seen
+            self.stream,
+            Mapper([RULE]),
+            self.store,
+            self.app.id,
+            self.dlq,
+            on_applied=self._seen,
+            sync_interval=SYNC_SECONDS,
         )
         self.stop = threading.Event()
         self.snapshot_done = threading.Event()

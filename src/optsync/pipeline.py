@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
 RETRY_SECONDS = 0.5
+SYNC_SECONDS = 0.05
+"""How often apply makes the engine durable and acknowledges the stream (``ApplyWorker``)."""
 CHILD_STOP_SECONDS = 10.0
 """How long a capture process may take to stop (finish its batch) before it is terminated."""
 
@@ -113,6 +115,7 @@ class Pipeline:
             self.app.id,
             self.dlq,
             on_applied=on_applied,
+            sync_interval=SYNC_SECONDS,
         )
         self.failure: BaseException | None = None
         self.snapshot_done = threading.Event()
@@ -217,6 +220,10 @@ class Pipeline:
             except (Retryable, sqlite3.OperationalError) as exc:  # locked or busy: try again
                 logger.warning("apply retry reason=%s", exc)
                 self._stop.wait(RETRY_SECONDS)
+        try:
+            self.worker.flush()
+        except (Retryable, sqlite3.OperationalError) as exc:  # redelivered at the next start
+            logger.warning("apply final acknowledgement failed reason=%s", exc)
 
 
 def capture(

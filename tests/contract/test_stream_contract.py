@@ -176,6 +176,24 @@ def test_read_limit(stream: ChangeStream) -> None:
         stream.read("apply", 0)
 
 
+def test_read_after_an_offset_ignores_the_acknowledged_one(stream: ChangeStream) -> None:
+    stream.append([change(k, k) for k in range(1, 8)])
+    stream.ack("apply", 2)
+    assert [r.offset for r in stream.read("apply", 3, after=4)] == [5, 6, 7]
+    assert stream.read("apply", 3, after=7) == []
+    assert stream.stats().consumers == {"apply": 2}  # reading moves nothing
+    assert [r.offset for r in stream.read("apply", 2)] == [3, 4]
+
+
+def test_waiting_read_after_an_offset_returns_the_next_append(stream: ChangeStream) -> None:
+    stream.append([change(1, 1)])
+    started = time.monotonic()
+    assert stream.read("apply", 10, wait=0.05, after=1) == []
+    assert time.monotonic() - started >= 0.04
+    stream.append([change(2, 2)])
+    assert [r.offset for r in stream.read("apply", 10, wait=WAIT, after=1)] == [2]
+
+
 def test_read_without_wait_returns_at_once(stream: ChangeStream) -> None:
     started = time.monotonic()
     assert stream.read("apply", 10, wait=0) == []

@@ -15,6 +15,7 @@ from optsync.capture.base import CaptureBatch, ChangeSource
 from optsync.engine.models import ChannelType
 from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
+from optsync.pipeline import SYNC_SECONDS
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
@@ -49,7 +50,9 @@ class Pieces:
                 require_name=True,
             )
             self.segment_id = self.store.create_segment(app.id, definition).id
-        self.worker = ApplyWorker(self.stream, Mapper(rules), self.store, app.id, self.dlq)
+        self.worker = ApplyWorker(
+            self.stream, Mapper(rules), self.store, app.id, self.dlq, sync_interval=SYNC_SECONDS
+        )
 
     def checkpoint(self, source: ChangeSource) -> str | None:
         saved = self.stream.checkpoint(source.name)

@@ -264,6 +264,28 @@ def test_acknowledge_removes_read_change_rows(sample: Path) -> None:
     assert after_ack[0].position > more[0].position
 
 
+def test_cleanup_runs_off_the_log_path_and_gives_way_to_the_application(sample: Path) -> None:
+    with capture(sample, [SAMPLE_TABLE], idle_wait=0.05, ack_interval=0.02) as (source, batches):
+        read_snapshot(batches)
+        with app_db(sample) as app:
+            app.execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user1'")
+            _, state = read_log(batches, 1)
+            app.execute("BEGIN IMMEDIATE")  # the application holds the write lock
+            app.execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user2'")
+            source.acknowledge(state)  # returns at once: the cleaner thread deletes
+            time.sleep(0.2)  # several cleanup rounds find the database busy and defer
+            held = app.execute(f"SELECT rid FROM {CHANGE_TABLE} ORDER BY seq").fetchall()
+            assert held == [(1,), (2,)]
+            app.execute("COMMIT")
+        deadline = time.monotonic() + 5
+        while change_rows(sample) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with app_db(sample) as app:  # the read row went, the unread one stays
+            assert app.execute(f"SELECT rid FROM {CHANGE_TABLE}").fetchall() == [(2,)]
+        more, _ = read_log(batches, 1)
+    assert [e.key["rowid"] for e in more] == [2]
+
+
 # -- resume ----------------------------------------------------------------------------------
 
 

@@ -319,7 +319,10 @@ class SQLiteSource(ChangeSource):
         self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
         self._ack_upto = 0
-        self._cleaned_at = 0.0
+        self._cleaned_upto = 0
+        self._cleaner: threading.Thread | None = None
+        self._cleaner_stop = threading.Event()
+        self._cleaner_failure: Fatal | None = None
 
     # -- open -------------------------------------------------------------------------------
 
@@ -345,6 +348,7 @@ class SQLiteSource(ChangeSource):
             writer.close()
             raise
         self._writer, self._reader = writer, reader
+        self._cleaner_failure = None
         self._tables = tables
         self._state = resumed
         logger.info(
@@ -712,39 +716,72 @@ class SQLiteSource(ChangeSource):
     def acknowledge(self, state: str) -> None:
         """Forget the change rows the log has read up to ``state`` (nothing during a snapshot).
 
-        The rows are deleted at most every ``ack_interval`` seconds, in short transactions
-        that give way to the application: if it holds the write lock, cleaning waits for the
-        next round. Deleting later is always safe, because the checkpoint is already durable in
-        the stream and the log reads only rows after it.
+        Deleting later is always safe, because the checkpoint is already durable in the stream
+        and the log reads only rows after it. So with ``ack_interval > 0`` a cleaner thread
+        deletes them every ``ack_interval`` seconds, off the log's path (a cleanup that waits
+        for the application's write lock never delays capture), in short transactions that give
+        way to the application: if it holds the write lock, cleaning waits for the next round.
+        ``ack_interval = 0`` deletes them here, before returning.
         """
         acked = _State.parse(state, self.name)
         if acked.phase != "log" or acked.log_after is None:
             return
         if self._writer is None:
             raise RuntimeError(f"source {self.name!r} is not open")
+        if self._cleaner_failure is not None:
+            raise self._cleaner_failure
         self._ack_upto = max(self._ack_upto, acked.log_after)
-        now = time.monotonic()
-        if now - self._cleaned_at < self.ack_interval:
-            return
-        self._cleaned_at = now
-        conn = self._writer
-        with self._write_lock:
+        if self.ack_interval <= 0:
+            self._clean()
+        elif self._cleaner is None:
+            self._cleaner_stop.clear()
+            self._cleaner = threading.Thread(
+                target=self._clean_every_interval, name="sqlite-capture-cleaner", daemon=True
+            )
+            self._cleaner.start()
+
+    def _clean_every_interval(self) -> None:
+        while not self._cleaner_stop.wait(self.ack_interval):
             try:
+                self._clean()
+            except Fatal as exc:
+                logger.error("change-table cleanup failed source=%s reason=%s", self.name, exc)
+                self._cleaner_failure = exc  # raised by the next acknowledge
+                return
+
+    def _clean(self) -> None:
+        """Delete the change rows up to ``_ack_upto``, or defer if the application is writing."""
+        with self._write_lock:
+            conn = self._writer
+            upto = self._ack_upto
+            if conn is None or upto <= self._cleaned_upto:
+                return
+            try:
+                # A cleanup a power cut undoes is done again later: no need to wait for the disk.
+                conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute(f"PRAGMA busy_timeout = {_ACK_BUSY_MS}")
                 low = conn.execute(f"SELECT min(seq) FROM {CHANGE_TABLE}").fetchone()[0]
-                while low is not None and low <= self._ack_upto:
-                    high = min(low + _ACK_CHUNK - 1, self._ack_upto)
+                while low is not None and low <= upto:
+                    high = min(low + _ACK_CHUNK - 1, upto)
                     conn.execute(f"DELETE FROM {CHANGE_TABLE} WHERE seq <= ?", (high,))
                     low = high + 1
+                self._cleaned_upto = upto
             except sqlite3.OperationalError as exc:
                 text = str(exc).lower()
                 if "locked" not in text and "busy" not in text:
                     raise Fatal(f"source {self.name!r}: acknowledge failed: {exc}") from exc
                 logger.debug("change-table cleanup deferred source=%s reason=%s", self.name, exc)
+            finally:
+                conn.execute("PRAGMA synchronous = FULL")
 
     def close(self) -> None:
-        reader, writer = self._reader, self._writer
-        self._reader = self._writer = None
+        cleaner, self._cleaner = self._cleaner, None
+        if cleaner is not None:
+            self._cleaner_stop.set()
+            cleaner.join()
+        with self._write_lock:
+            reader, writer = self._reader, self._writer
+            self._reader = self._writer = None
         for conn in (reader, writer):
             if conn is not None:
                 conn.close()

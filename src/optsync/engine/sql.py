@@ -243,6 +243,7 @@ class _Job:
     app_id: str
     writes: Sequence[EndpointPatch | EndpointDelete]
     cause: Cause
+    durable: bool = True
     result: WriteResult | None = None
     error: BaseException | None = None
     done: bool = False
@@ -270,8 +271,11 @@ class SqlStore(EndpointStore):
 
     # hooks ------------------------------------------------------------------------------------
     @abstractmethod
-    def _write(self) -> AbstractContextManager[Cursor]:
-        """A cursor inside a write transaction that commits on success."""
+    def _write(self, *, durable: bool = True) -> AbstractContextManager[Cursor]:
+        """A cursor inside a write transaction that commits on success.
+
+        ``durable=False``: the commit need not wait for the disk (see ``write_endpoints``).
+        """
 
     @abstractmethod
     def _read(self) -> AbstractContextManager[Cursor]:
@@ -670,7 +674,12 @@ class SqlStore(EndpointStore):
         return result
 
     def write_endpoints(
-        self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
+        self,
+        app_id: str,
+        writes: Sequence[EndpointPatch | EndpointDelete],
+        cause: Cause,
+        *,
+        durable: bool = True,
     ) -> WriteResult:
         """Apply ``writes`` in one transaction; concurrent callers share one commit.
 
@@ -678,8 +687,9 @@ class SqlStore(EndpointStore):
         request queued so far and applies each in a savepoint of one transaction (a request
         that fails is rolled back alone and gets its error); every caller returns once that
         transaction has committed. With one caller at a time this is one transaction per call.
+        The shared commit waits for the disk when any of its requests is ``durable``.
         """
-        job = _Job(app_id, writes, cause)
+        job = _Job(app_id, writes, cause, durable)
         with self._group:
             self._queue.append(job)
             while not job.done:
@@ -703,7 +713,7 @@ class SqlStore(EndpointStore):
 
     def _run_group(self, jobs: list[_Job]) -> None:
         try:
-            with self._write() as cur:
+            with self._write(durable=any(job.durable for job in jobs)) as cur:
                 if len(jobs) == 1:
                     jobs[0].result = self._write_job(cur, jobs[0])
                     return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -178,6 +179,7 @@ class SQLiteStore(SqlStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        self._unsynced = False
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA busy_timeout = 10000")
@@ -231,16 +233,46 @@ class SQLiteStore(SqlStore):
                 self._conn.execute("PRAGMA optimize")
 
     @contextmanager
-    def _write(self) -> Iterator[Cursor]:
+    def _write(self, *, durable: bool = True) -> Iterator[Cursor]:
         with self._lock:
             cur = self._conn.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            if not durable:
+                # WAL + NORMAL: the commit is appended to the -wal file without an fsync.
+                cur.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cur
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+            finally:
+                if not durable:
+                    cur.execute("PRAGMA synchronous = FULL")
+                    self._unsynced = True
+
+    def sync(self) -> None:
+        """fsync the -wal file if a commit since the last ``sync`` skipped it.
+
+        Every commit is appended to the -wal file; an fsync of that file, from any descriptor,
+        makes all of them durable. Pages that a checkpoint already copied into the database
+        file are durable too: in WAL mode SQLite syncs the -wal file before a checkpoint and
+        the database file after it, whatever ``synchronous`` says (NORMAL or FULL).
+        """
+        with self._lock:
+            if not self._unsynced or self.path == ":memory:":
+                self._unsynced = False
+                return
+            self._unsynced = False  # a commit during the fsync sets it again
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no -wal file: the last connection checkpointed everything and removed it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @contextmanager
     def _read(self) -> Iterator[Cursor]:

@@ -87,14 +87,28 @@ class EndpointStore(ABC):
     # endpoints --------------------------------------------------------------------------------
     @abstractmethod
     def write_endpoints(
-        self, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
+        self,
+        app_id: str,
+        writes: Sequence[EndpointPatch | EndpointDelete],
+        cause: Cause,
+        *,
+        durable: bool = True,
     ) -> WriteResult:
         """Apply upserts and deletes atomically, in order.
 
         A write with a ``position`` is skipped (counted ``stale``) when the endpoint, or the
         tombstone of its deletion, already holds an equal or newer position. With a SOURCE
         cause, each positioned write is recorded in the consent history under its own position.
+
+        ``durable=False`` returns once the writes are committed and visible to every reader,
+        possibly before they reached the disk: they survive a crash of this process but maybe
+        not a power cut, until the next ``sync``. Only a caller that can write them again after
+        a power cut uses it: the apply worker, which acknowledges the stream after ``sync``.
         """
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make every write committed so far durable (those written with ``durable=False``)."""
 
     @abstractmethod
     def get_endpoint(self, app_id: str, endpoint_id: str) -> Endpoint: ...

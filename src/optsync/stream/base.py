@@ -69,9 +69,13 @@ class ChangeStream(ABC):
         """The last checkpoint stored for ``source``."""
 
     @abstractmethod
-    def read(self, consumer: str, limit: int, wait: float = 0.0) -> list[StreamRecord]:
+    def read(
+        self, consumer: str, limit: int, wait: float = 0.0, *, after: int | None = None
+    ) -> list[StreamRecord]:
         """Records after the consumer's acknowledged offset, oldest first.
 
+        ``after``: read after this offset instead (a consumer that acknowledges less often than
+        it reads passes the last offset it handled; it must not be below the acknowledged one).
         Waits up to ``wait`` seconds for a record when there is none yet.
         """
 

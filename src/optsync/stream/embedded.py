@@ -71,6 +71,10 @@ SELECT "offset", partition_key, data, appended_at FROM records
 WHERE "offset" > coalesce((SELECT "offset" FROM consumers WHERE name = ?), 0)
 ORDER BY "offset" LIMIT ?
 """
+SELECT_AFTER_OFFSET = """
+SELECT "offset", partition_key, data, appended_at FROM records
+WHERE "offset" > ? ORDER BY "offset" LIMIT ?
+"""
 HEAD = "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'records'), 0)"
 
 _JSON = msgspec.json.Encoder()
@@ -171,8 +175,10 @@ class EmbeddedStream(ChangeStream):
             )
         return None if row is None else Checkpoint(source, row[0])
 
-    def read(self, consumer: str, limit: int, wait: float = 0.0) -> list[StreamRecord]:
-        """Records after the consumer's acknowledged offset; waits up to ``wait`` s for one."""
+    def read(
+        self, consumer: str, limit: int, wait: float = 0.0, *, after: int | None = None
+    ) -> list[StreamRecord]:
+        """Records after the consumer's acknowledged offset (or ``after``); waits up to ``wait``."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         started = time.monotonic()
@@ -184,7 +190,7 @@ class EmbeddedStream(ChangeStream):
             with self._changed:
                 seen = self._version
             data_version = _data_version(conn)
-            found = _select(conn, consumer, limit)
+            found = _select(conn, consumer, limit, after)
             while not found:
                 now = time.monotonic()
                 if now >= deadline:
@@ -199,7 +205,7 @@ class EmbeddedStream(ChangeStream):
                 current = _data_version(conn)
                 if woken or current != data_version:
                     data_version = current
-                    found = _select(conn, consumer, limit)
+                    found = _select(conn, consumer, limit, after)
             return found
 
     def ack(self, consumer: str, offset: int) -> None:
@@ -386,10 +392,17 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(version)
 
 
-def _select(conn: sqlite3.Connection, consumer: str, limit: int) -> list[StreamRecord]:
+def _select(
+    conn: sqlite3.Connection, consumer: str, limit: int, after: int | None
+) -> list[StreamRecord]:
+    rows = (
+        conn.execute(SELECT_AFTER, (consumer, limit))
+        if after is None
+        else conn.execute(SELECT_AFTER_OFFSET, (after, limit))
+    )
     return [
         StreamRecord(offset, key, bytes(data), appended_at)
-        for offset, key, data, appended_at in conn.execute(SELECT_AFTER, (consumer, limit))
+        for offset, key, data, appended_at in rows
     ]
 
 

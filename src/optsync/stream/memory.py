@@ -68,8 +68,10 @@ class MemoryStream(ChangeStream):
             self._check_open()
             return self._checkpoints.get(source)
 
-    def read(self, consumer: str, limit: int, wait: float = 0.0) -> list[StreamRecord]:
-        """Records after the consumer's acknowledged offset; waits up to ``wait`` s for one."""
+    def read(
+        self, consumer: str, limit: int, wait: float = 0.0, *, after: int | None = None
+    ) -> list[StreamRecord]:
+        """Records after the consumer's acknowledged offset (or ``after``); waits up to ``wait``."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         deadline = time.monotonic() + wait
@@ -77,7 +79,8 @@ class MemoryStream(ChangeStream):
             self._check_open()
             self._consumers.setdefault(consumer, 0)
             while True:
-                found = self._after(self._consumers[consumer], limit)
+                start = self._consumers[consumer] if after is None else after
+                found = self._after(start, limit)
                 remaining = deadline - time.monotonic()
                 if found or remaining <= 0:
                     return found
