@@ -79,8 +79,9 @@ ESTIMATE_TARGET_MS = 100.0
 ESTIMATE_RUNS = 9
 CAUSE = Cause(CauseKind.API, "bench")
 
-# The statement SqlStore._upsert runs for every write that carries an Address (sql.py); the
-# large-store build checks its plan and, if no index serves it, adds one for the build only.
+# The lookup same-address deactivation needs (SqlStore._begin_batch reads the ACTIVE endpoints
+# at every address a batch touches): the large-store build checks the plan of this statement
+# and, if no index serves it, adds one for the build only.
 ADDRESS_UPDATE = (
     "UPDATE endpoints SET status = 'INACTIVE' WHERE app_id = ? AND address = ? AND "
     "channel_type = ? AND id_key <> ? AND status = 'ACTIVE'"

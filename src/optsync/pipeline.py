@@ -10,11 +10,16 @@ engine's SQL) is the slower stage, and capture's CPU would otherwise be taken fr
 (bench/pipeline.py: about +25% changes/s on 2 cores). The child shares nothing with this process
 but the files and a pipe: it sends its log records, snapshot progress, the switch to the log
 and its failure; it stops when told to, or when the pipe closes because this process died.
+It is not a daemonic process (a MySQL capture starts its own binlog reader process, which a
+daemonic one may not): ``stop`` ends it, and so does an exit hook if this interpreter exits
+without calling ``stop``.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
 import logging
 import logging.handlers
@@ -175,15 +180,20 @@ class Pipeline:
             args=(self.settings, theirs, logging.getLogger().getEffectiveLevel()),
             kwargs={"progress": self.progress is not None},
             name="optsync-capture",
-            daemon=True,
+            # Not daemonic: a daemonic process may not start processes, and a MySQL capture
+            # reads the binlog in a process of its own. So the stop at interpreter exit is ours.
+            daemon=False,
         )
         process.start()
         theirs.close()
         self.capture_pid = process.pid
+        stop_at_exit = functools.partial(_stop_child, ours, process)
+        atexit.register(stop_at_exit)  # runs before multiprocessing's, which would join it
         try:
             self._relay(ours, process)
         finally:
             self.capture_pid = None
+            atexit.unregister(stop_at_exit)
             _stop_child(ours, process)
 
     def _relay(self, conn: Connection, process: BaseProcess) -> None:

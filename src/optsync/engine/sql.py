@@ -3,6 +3,10 @@
 Subclasses supply a connection (``_write``/``_read`` context managers yielding a DB-API cursor)
 and a ``Dialect``; statements are written once, with ``?`` placeholders, and subclasses whose
 driver wants another paramstyle rewrite them in ``_sql``.
+
+This file holds apps, channels and endpoints (the batched write path and group commit);
+segments and estimates are in ``sql_segments.py`` (``SqlSegments``, which ``SqlStore``
+inherits), and the endpoint row conversions and statements in ``sql_rows.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from optsync.engine.countries import to_alpha2
 from optsync.engine.endpoints import (
     CountryDerivation,
     endpoint_key,
@@ -28,31 +31,32 @@ from optsync.engine.models import (
     Channel,
     ChannelType,
     ConsentChange,
-    Demographic,
     Endpoint,
     EndpointDelete,
     EndpointPatch,
-    EndpointStatus,
-    Estimate,
-    Location,
     OptOut,
     Page,
     WriteResult,
     iso_now,
 )
-from optsync.engine.segments import (
-    Dialect,
-    SegmentDefinition,
-    compile_driven,
-    compile_filter,
-    compile_segment,
-    definition_from_wire,
-    definition_to_wire,
-    iso_instant_ms,
+from optsync.engine.segments import Dialect
+from optsync.engine.sql_rows import (
+    _COLUMN_NAMES,
+    _ENDPOINT_COLUMNS,
+    _INSERT_ATTRIBUTE,
+    _INSERT_ENDPOINT,
+    _attribute_rows,
+    _chunks,
+    _dumps,
+    _endpoint_values,
+    _offset,
+    _row_to_endpoint,
+    _side_of,
 )
-from optsync.engine.store import EndpointStore, Segment
-from optsync.engine.writes import WriteBatch, bucket, peers_to_read
-from optsync.errors import InvalidRequest, NotFound
+from optsync.engine.sql_segments import SqlSegments
+from optsync.engine.store import EndpointStore
+from optsync.engine.writes import WriteBatch, peers_to_read
+from optsync.errors import NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
 
@@ -81,161 +85,6 @@ class StoreSettings:
     """Account id written into ARNs."""
 
 
-_ENDPOINT_COLUMNS = (
-    "app_id, id, id_key, channel_type, address, opt_out, status, creation_date, effective_date, "
-    "cohort_id, request_id, user_id, country, country_code, city, region, postal_code, latitude, "
-    "longitude, app_version, locale, make, model, model_version, platform, platform_version, "
-    "timezone, attributes, user_attributes, metrics, source_position"
-)
-
-
-_COLUMN_NAMES = tuple(c.strip() for c in _ENDPOINT_COLUMNS.split(","))
-_INSERT_ENDPOINT = "INSERT INTO endpoints (pk, {}) VALUES (?, {})".format(
-    _ENDPOINT_COLUMNS, ", ".join("?" for _ in _ENDPOINT_COLUMNS.split(","))
-)
-_INSERT_ATTRIBUTE = (
-    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, value_ts, "
-    "country_code, channel_type, status, opt_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
-
-
-def _dump_lists(values: Mapping[str, Sequence[str]]) -> str:
-    return _dumps({k: list(v) for k, v in values.items()}) if values else "{}"
-
-
-def _lists(text: str | None) -> dict[str, tuple[str, ...]]:
-    if not text or text == "{}":
-        return {}
-    return {k: tuple(v) for k, v in json.loads(text).items()}
-
-
-# Enum members by value: a dict lookup instead of EnumType.__call__ for every row read.
-_CHANNELS = {c.value: c for c in ChannelType}
-_OPT_OUTS = {o.value: o for o in OptOut}
-_STATUSES = {s.value: s for s in EndpointStatus}
-_EMPTY_LOCATION = Location()
-_EMPTY_DEMOGRAPHIC = Demographic()
-
-
-def _row_to_endpoint(row: Sequence[Any]) -> Endpoint:
-    app_id, eid, _key, channel, address, opt_out, status, created, effective, cohort, req = row[:11]
-    location = (
-        _EMPTY_LOCATION
-        if row[12] is None and all(v is None for v in row[14:19])
-        else Location(
-            country=row[12],
-            city=row[14],
-            region=row[15],
-            postal_code=row[16],
-            latitude=row[17],
-            longitude=row[18],
-        )
-    )
-    demographic = (
-        _EMPTY_DEMOGRAPHIC
-        if all(v is None for v in row[19:27])
-        else Demographic(
-            app_version=row[19],
-            locale=row[20],
-            make=row[21],
-            model=row[22],
-            model_version=row[23],
-            platform=row[24],
-            platform_version=row[25],
-            timezone=row[26],
-        )
-    )
-    metrics = row[29]
-    return Endpoint(
-        app_id=app_id,
-        id=eid,
-        channel_type=_CHANNELS[channel],
-        address=address,
-        opt_out=_OPT_OUTS[opt_out],
-        endpoint_status=_STATUSES[status],
-        creation_date=created,
-        effective_date=effective,
-        cohort_id=cohort,
-        request_id=req,
-        user_id=row[11],
-        location=location,
-        demographic=demographic,
-        attributes=_lists(row[27]),
-        user_attributes=_lists(row[28]),
-        metrics={}
-        if not metrics or metrics == "{}"
-        else {k: float(v) for k, v in json.loads(metrics).items()},
-        source_position=row[30],
-    )
-
-
-def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
-    loc, demo = e.location, e.demographic
-    return (
-        e.app_id,
-        e.id,
-        endpoint_key(e.id),
-        # StrEnum members bind as their text; no ``.value`` lookup on this hot path.
-        e.channel_type,
-        e.address,
-        e.opt_out,
-        e.endpoint_status,
-        e.creation_date,
-        e.effective_date,
-        e.cohort_id,
-        e.request_id,
-        e.user_id,
-        loc.country,
-        to_alpha2(loc.country) if loc.country else None,
-        loc.city,
-        loc.region,
-        loc.postal_code,
-        loc.latitude,
-        loc.longitude,
-        demo.app_version,
-        demo.locale,
-        demo.make,
-        demo.model,
-        demo.model_version,
-        demo.platform,
-        demo.platform_version,
-        demo.timezone,
-        _dump_lists(e.attributes),
-        _dump_lists(e.user_attributes),
-        _dumps(dict(e.metrics)) if e.metrics else "{}",
-        e.source_position,
-    )
-
-
-_ROLLUP_COLUMNS = frozenset({"country_code", "channel_type"})
-_CHUNK = 500
-
-
-def _side_of(e: Endpoint) -> tuple[object, ...]:
-    """What an endpoint's attribute and metric rows hold; they are rewritten when it changes."""
-    return (e.attributes, e.user_attributes, e.metrics, bucket(e))
-
-
-def _attribute_rows(pk: int, e: Endpoint) -> list[tuple[Any, ...]]:
-    """One row per attribute value, each with the endpoint's rollup columns copied in.
-
-    The copies let an attribute segment be counted from the attribute index alone.
-    """
-    country, channel, status, opt_out = bucket(e)
-    return [
-        (pk, e.app_id, kind, name, value, iso_instant_ms(value), country, channel, status, opt_out)
-        for kind, values in (("A", e.attributes), ("U", e.user_attributes))
-        for name, items in values.items()
-        for value in dict.fromkeys(items)
-    ]
-
-
-def _chunks(items: Sequence[Any]) -> list[Sequence[Any]]:
-    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]
-
-
 @dataclass
 class _Job:
     """One caller's write_endpoints, waiting for (or done in) a group transaction."""
@@ -249,15 +98,7 @@ class _Job:
     done: bool = False
 
 
-def _offset(token: str | None) -> int:
-    if not token:
-        return 0
-    if not token.isdigit():
-        raise InvalidRequest(f"token {token!r} is not a NextToken this server returned")
-    return int(token)
-
-
-class SqlStore(EndpointStore):
+class SqlStore(SqlSegments, EndpointStore):
     """Engine storage on a SQL database; see the module docstring."""
 
     dialect = Dialect()
@@ -826,237 +667,3 @@ class SqlStore(EndpointStore):
                 cur, "SELECT COUNT(*) FROM endpoints WHERE app_id = ?", (app_id,)
             ).fetchone()
         return int(row[0])
-
-    # segments ---------------------------------------------------------------------------------
-    _SEGMENT_SELECT = (
-        "SELECT app_id, id, version, segment_type, creation_date, last_modified_date, "
-        "definition, name, tags FROM segments"
-    )
-
-    def _row_to_segment(self, row: Sequence[Any]) -> Segment:
-        definition = definition_from_wire(json.loads(row[6]), require_name=False)
-        definition = SegmentDefinition(
-            name=row[7],
-            dimensions=definition.dimensions,
-            groups=definition.groups,
-            tags=json.loads(row[8]),
-        )
-        return Segment(
-            app_id=row[0],
-            id=row[1],
-            arn=f"{self._app_arn(row[0])}/segments/{row[1]}",
-            version=int(row[2]),
-            segment_type=row[3],
-            creation_date=row[4],
-            last_modified_date=row[5],
-            definition=definition,
-        )
-
-    def _insert_segment(self, cur: Cursor, segment: Segment) -> None:
-        d = segment.definition
-        self._exec(
-            cur,
-            "INSERT INTO segments (app_id, id, version, segment_type, creation_date, "
-            "last_modified_date, definition, name, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                segment.app_id,
-                segment.id,
-                segment.version,
-                segment.segment_type,
-                segment.creation_date,
-                segment.last_modified_date,
-                _dumps(definition_to_wire(d)),
-                d.name,
-                _dumps(dict(d.tags)),
-            ),
-        )
-
-    def _check_sources(self, cur: Cursor, app_id: str, definition: SegmentDefinition) -> None:
-        """Compile once so that unknown source segments and cycles fail at write time."""
-        compile_filter(
-            definition,
-            app_id=app_id,
-            resolve=lambda sid, version: self._get_segment(cur, app_id, sid, version).definition,
-            dialect=self.dialect,
-        )
-
-    def create_segment(self, app_id: str, definition: SegmentDefinition) -> Segment:
-        now = iso_now()
-        with self._write() as cur:
-            self._get_app(cur, app_id)
-            self._check_sources(cur, app_id, definition)
-            segment_id = uuid.uuid4().hex
-            segment = Segment(
-                app_id=app_id,
-                id=segment_id,
-                arn=f"{self._app_arn(app_id)}/segments/{segment_id}",
-                version=1,
-                segment_type="DIMENSIONAL",
-                creation_date=now,
-                last_modified_date=now,
-                definition=definition,
-            )
-            self._insert_segment(cur, segment)
-        return segment
-
-    def _get_segment(
-        self, cur: Cursor, app_id: str, segment_id: str, version: int | None
-    ) -> Segment:
-        if version is None:
-            row = self._exec(
-                cur,
-                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? ORDER BY version DESC LIMIT 1",
-                (app_id, segment_id),
-            ).fetchone()
-        else:
-            row = self._exec(
-                cur,
-                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? AND version = ?",
-                (app_id, segment_id, version),
-            ).fetchone()
-        if row is None:
-            what = f"segment {segment_id!r}" + (f" version {version}" if version else "")
-            raise NotFound(f"Resource not found: app {app_id!r} has no {what}")
-        return self._row_to_segment(row)
-
-    def update_segment(
-        self, app_id: str, segment_id: str, definition: SegmentDefinition
-    ) -> Segment:
-        with self._write() as cur:
-            self._get_app(cur, app_id)
-            latest = self._get_segment(cur, app_id, segment_id, None)
-            old = latest.definition
-            keep_filter = definition.dimensions is None and definition.groups is None
-            merged = SegmentDefinition(
-                name=definition.name if definition.name is not None else old.name,
-                dimensions=old.dimensions if keep_filter else definition.dimensions,
-                groups=old.groups if keep_filter else definition.groups,
-                tags=definition.tags or old.tags,
-            )
-            self._check_sources(cur, app_id, merged)
-            segment = Segment(
-                app_id=app_id,
-                id=segment_id,
-                arn=latest.arn,
-                version=latest.version + 1,
-                segment_type=latest.segment_type,
-                creation_date=latest.creation_date,
-                last_modified_date=iso_now(),
-                definition=merged,
-            )
-            self._insert_segment(cur, segment)
-        return segment
-
-    def get_segment(self, app_id: str, segment_id: str, version: int | None = None) -> Segment:
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            return self._get_segment(cur, app_id, segment_id, version)
-
-    def list_segments(self, app_id: str, page_size: int, token: str | None) -> Page[Segment]:
-        offset = _offset(token)
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            rows = self._exec(
-                cur,
-                f"{self._SEGMENT_SELECT} s WHERE app_id = ? AND version = (SELECT MAX(version) "
-                "FROM segments x WHERE x.app_id = s.app_id AND x.id = s.id) "
-                "ORDER BY creation_date, id LIMIT ? OFFSET ?",
-                (app_id, page_size + 1, offset),
-            ).fetchall()
-        more = len(rows) > page_size
-        return Page(
-            tuple(self._row_to_segment(r) for r in rows[:page_size]),
-            str(offset + page_size) if more else None,
-        )
-
-    def list_segment_versions(
-        self, app_id: str, segment_id: str, page_size: int, token: str | None
-    ) -> Page[Segment]:
-        offset = _offset(token)
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            self._get_segment(cur, app_id, segment_id, None)
-            rows = self._exec(
-                cur,
-                f"{self._SEGMENT_SELECT} WHERE app_id = ? AND id = ? ORDER BY version "
-                "LIMIT ? OFFSET ?",
-                (app_id, segment_id, page_size + 1, offset),
-            ).fetchall()
-        more = len(rows) > page_size
-        return Page(
-            tuple(self._row_to_segment(r) for r in rows[:page_size]),
-            str(offset + page_size) if more else None,
-        )
-
-    def delete_segment(self, app_id: str, segment_id: str) -> Segment:
-        with self._write() as cur:
-            self._get_app(cur, app_id)
-            segment = self._get_segment(cur, app_id, segment_id, None)
-            self._exec(
-                cur, "DELETE FROM segments WHERE app_id = ? AND id = ?", (app_id, segment_id)
-            )
-        return segment
-
-    def estimate_query(
-        self, cur: Cursor, app_id: str, segment_id: str, version: int | None = None
-    ) -> tuple[str, list[Any]]:
-        """The one statement that counts a segment: (total, eligible).
-
-        A filter on Country and channel only is answered from the ``endpoint_counts`` rollup
-        (a handful of rows per app); any other filter counts ``endpoints`` through its indexes.
-        """
-        segment = self._get_segment(cur, app_id, segment_id, version)
-        compiled = compile_segment(
-            segment.definition,
-            app_id=app_id,
-            resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
-            dialect=self.dialect,
-        )
-        driven = None
-        if not compiled.reads_only(_ROLLUP_COLUMNS):
-            driven = compile_driven(
-                segment.definition,
-                app_id=app_id,
-                resolve=lambda sid, v: self._get_segment(cur, app_id, sid, v).definition,
-                dialect=self.dialect,
-            )
-        if driven is not None and driven.rest.columns <= _ROLLUP_COLUMNS:
-            # Every match has a row of the driving attribute, and each such row carries the
-            # columns the rest of the filter and the eligibility test read.
-            distinct = "DISTINCT " if driven.distinct else ""
-            sql = (
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
-                "e.opt_out = 'NONE' THEN 1 ELSE 0 END), 0) FROM (SELECT "
-                f"{distinct}d.endpoint_pk AS pk, d.country_code, d.channel_type, d.status, "
-                f"d.opt_out FROM endpoint_attributes d WHERE {driven.driver_sql}) e "
-                f"WHERE {driven.rest.sql}"
-            )
-            return sql, [*driven.driver_params, *driven.rest.params]
-        if compiled.reads_only(_ROLLUP_COLUMNS):
-            sql = (
-                "SELECT COALESCE(SUM(e.n), 0), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
-                "e.opt_out = 'NONE' THEN e.n ELSE 0 END), 0) FROM endpoint_counts e "
-                f"WHERE e.app_id = ? AND ({compiled.sql})"
-            )
-        else:
-            sql = (
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN e.status = 'ACTIVE' AND "
-                "e.opt_out = 'NONE' THEN 1 ELSE 0 END), 0) FROM endpoints e "
-                f"WHERE e.app_id = ? AND ({compiled.sql})"
-            )
-        return sql, [app_id, *compiled.params]
-
-    def estimate_sql(
-        self, app_id: str, segment_id: str, version: int | None = None
-    ) -> tuple[str, list[Any]]:
-        """The statement ``estimate`` runs, for EXPLAIN and benchmarks."""
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            return self.estimate_query(cur, app_id, segment_id, version)
-
-    def estimate(self, app_id: str, segment_id: str, version: int | None = None) -> Estimate:
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            sql, params = self.estimate_query(cur, app_id, segment_id, version)
-            total, eligible = self._exec(cur, sql, params).fetchone()
-        return Estimate(total=int(total), eligible=int(eligible))
