@@ -240,6 +240,7 @@ class _Reader:
         self._opened = {"stream": False, "control": False}
         self._connections: list[pymysql.Connection[Any]] = []
         self._decoders: dict[int, tuple[Any, RowDecoder]] = {}
+        self._stream: BinLogStreamReader | None = None
         self._pending: list[Item] = []
         self._pending_events = 0
         # Where the reader is.
@@ -296,7 +297,7 @@ class _Reader:
         stream: BinLogStreamReader | None = None
         failure: Exception | None = None
         try:
-            stream = self._open_stream()
+            stream = self._stream = self._open_stream()
             for event in stream:
                 self._handle(event)
         except _Orphaned:
@@ -359,6 +360,12 @@ class _Reader:
             pymysql_wrapper=self._connect,
             enable_logging=False,
             use_column_name_cache=not self.row_metadata,
+            # Parse a table's map event once per table id, not once per transaction (it was
+            # most of the reader's CPU). Safe: a server gives a table a new id whenever its
+            # definition changes (ALTER TABLE makes a new table share; the id counter only
+            # grows), and ids restart only with the server, which starts a new binlog file:
+            # the cache is emptied at every rotation (``_handle``).
+            freeze_schema=True,
             **position,
         )
 
@@ -380,6 +387,10 @@ class _Reader:
         elif isinstance(event, RotateEvent):
             self._file = str(event.next_binlog)
             self._file_number = file_index(self._file)
+            # The library empties its table map only at a rotation with a timestamp; after a
+            # crash the new file's rotation has none, and table ids may mean other tables.
+            if self._stream is not None:
+                self._stream.table_map.clear()
         elif isinstance(event, HeartbeatLogEvent):
             self._check_parent()
             self._emit(Heartbeat(time.time()), flush=True)
