@@ -10,12 +10,10 @@ of its own; they share the server's binlog, which every capture reads from its o
 from __future__ import annotations
 
 import json
-import os
 import queue
 import random
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,9 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
-import botocore.config
 import pytest
+from example_run import ExampleRun
 from mariadb_server import MariaDBServer
 from mariadb_server import mariadb_fixture as _mariadb_fixture  # noqa: F401 (the fixture)
 from mysql_driver import Pieces
@@ -85,13 +82,6 @@ def pieces(tmp_path: Path) -> Iterator[Pieces]:
     made = Pieces(tmp_path / "data")
     yield made
     made.close()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def url(server: MariaDBServer, db: str, user: str = USER, password: str = PASSWORD) -> str:
@@ -921,85 +911,20 @@ def iso_seconds(text: str) -> float:
 def test_optsync_run_with_the_mariadb_example_config(
     server: MariaDBServer, db: str, tmp_path: Path
 ) -> None:
-    """The example file, pointed at the private server, run as users run it: the CLI, capture in
-    its own process (which starts the binlog reader process), the API answering boto3."""
+    """The example file, run as users run it: capture in its own process (which starts the
+    binlog reader process), the API answering boto3."""
     with app_db(server, db) as cur:
         cur.execute(SAMPLE_DDL)
-    port = free_port()
-    example = Path(__file__).parents[2] / "examples" / "mariadb.toml"
-    text = example.read_text()
-    for old, new in (
-        ("mariadb://optsync:secret@127.0.0.1:3306/blog_db", url(server, db)),
-        ('data_dir = "optsync-data"', f'data_dir = "{tmp_path / "data"}"'),
-        ('listen = "127.0.0.1:8080"', f'listen = "127.0.0.1:{port}"'),
-    ):
-        assert old in text, f"examples/mariadb.toml no longer holds {old!r}"
-        text = text.replace(old, new)
-    config = tmp_path / "mariadb.toml"
-    config.write_text(text)
-    script = Path(sys.executable).with_name("optsync")
-    log = (tmp_path / "run.log").open("w")
-    env = {**os.environ, "OPTSYNC_API_CREDENTIALS": "RUNKEY:runsecret"}
-    run = subprocess.Popen(
-        [str(script), "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
-    client = boto3.client(
-        "pinpoint",
-        endpoint_url=f"http://127.0.0.1:{port}",
-        region_name="us-east-1",
-        aws_access_key_id="RUNKEY",
-        aws_secret_access_key="runsecret",
-        config=botocore.config.Config(retries={"max_attempts": 1}),
-    )
-
-    def eligible() -> int | None:
-        """Endpoints of user1-user9 with OptOut NONE, through the API (None: not all there)."""
-        if run.poll() is not None:
-            pytest.fail(
-                f"optsync run exited {run.returncode}: {(tmp_path / 'run.log').read_text()}"
-            )
-        try:
-            apps = client.get_apps()["ApplicationsResponse"].get("Item", [])
-            (app_id,) = [a["Id"] for a in apps if a["Name"] == "optin-demo"]
-            opted = []
-            for n in range(1, 10):
-                endpoint_id = f"user{n}_+1234111111{n}"
-                response = client.get_endpoint(ApplicationId=app_id, EndpointId=endpoint_id)
-                opted.append(response["EndpointResponse"]["OptOut"])
-        except Exception:  # not up yet, or not applied yet: ask again
-            return None
-        return opted.count("NONE")
-
-    def wait_for(count: int) -> None:
-        deadline = time.monotonic() + SYNC_TIMEOUT
-        while (seen := eligible()) != count:
-            assert time.monotonic() < deadline, f"eligible {seen}, expected {count}"
-            time.sleep(0.1)
-
-    try:
+    example = "mariadb://optsync:secret@127.0.0.1:3306/blog_db"
+    with ExampleRun("mariadb.toml", example, url(server, db), tmp_path) as run:
         with app_db(server, db) as cur:
             sample_users(cur)
-        wait_for(9)
+        run.wait_for_eligible(9)
         with app_db(server, db) as cur:
             for n in range(1, 5):
                 cur.execute(f"UPDATE optin_status SET optin = 0 WHERE userid = 'user{n}'")
-        wait_for(5)
+        run.wait_for_eligible(5)
         with app_db(server, db) as cur:
             cur.execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user5'")
-        wait_for(4)
-    finally:
-        client.close()
-        run.send_signal(signal.SIGTERM)
-        try:
-            run.wait(30)
-        finally:
-            if run.poll() is None:
-                run.kill()
-            log.close()
-    output = (tmp_path / "run.log").read_text()
-    # uvicorn shuts down, then re-raises the signal: ending by SIGTERM is the normal end.
-    assert run.returncode in (0, -signal.SIGTERM), output
-    assert "Traceback" not in output, output
-    assert "capture process exited" not in output, output
-    assert "secret@" not in output  # the source password is redacted in the banner
-    assert "+12341111111" not in output  # no phone numbers in the logs
+        run.wait_for_eligible(4)
+    assert "secret@" not in run.output()  # the source password is redacted in the banner

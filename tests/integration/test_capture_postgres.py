@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from example_run import ExampleRun
 from postgres_driver import RULE, Pieces
 from postgres_server import PostgresServer, running_server
 from postgres_server import postgres_fixture as _postgres_fixture  # noqa: F401 (the fixture)
@@ -863,3 +864,27 @@ def test_resnapshot_state_loads_every_row_again_and_keeps_the_slot(db: str, tmp_
         assert capture.pieces.estimate() == (9, 8)
     slots = run_rows(db, "SELECT slot_name FROM pg_replication_slots")
     assert slots == [("optsync_postgres",)]
+
+
+# -- optsync run --config examples/postgres.toml -----------------------------------------------
+
+
+def test_optsync_run_with_the_postgres_example_config(db: str, tmp_path: Path) -> None:
+    """The example file, run as users run it: capture in its own process, the API answering
+    boto3; the table as the example's comment creates it (no key, REPLICA IDENTITY FULL)."""
+    run(db, SAMPLE_DDL, "ALTER TABLE optin_status REPLICA IDENTITY FULL")
+    example = "postgresql://optsync:secret@127.0.0.1:5432/app"
+    with ExampleRun("postgres.toml", example, db, tmp_path) as optsync:
+        run(
+            db,
+            "INSERT INTO optin_status (userid, phone, optin) VALUES "
+            + ", ".join(f"('{u}', '{p}', {o})" for u, p, o in SAMPLE_ROWS),
+        )
+        optsync.wait_for_eligible(9)
+        run(
+            db,
+            *[f"UPDATE optin_status SET optin = 0 WHERE userid = 'user{n}'" for n in (1, 2, 3, 4)],
+        )
+        optsync.wait_for_eligible(5)
+        run(db, "UPDATE optin_status SET optin = 0 WHERE userid = 'user5'")
+        optsync.wait_for_eligible(4)
