@@ -2,8 +2,10 @@
 
 Runs a private PostgreSQL (``tests/integration/postgres_server.py``: ``initdb`` + ``pg_ctl``,
 ``wal_level=logical``, ``fsync=on``, ``synchronous_commit=on``) and the real pipeline pieces
-in one process, as ``optsync run`` does: ``PostgresSource`` -> ``EmbeddedStream`` (WAL,
-``synchronous=FULL``) -> ``ApplyWorker`` -> ``SQLiteStore``, capture and apply in two threads.
+``PostgresSource`` -> ``EmbeddedStream`` (WAL, ``synchronous=FULL``) -> ``ApplyWorker`` ->
+``SQLiteStore``: for figures 2 and 3 as capture and apply threads of this process; for the
+latency (4) as ``optsync run`` runs them (``optsync.pipeline.Pipeline``: capture in a child
+process, apply in a thread of this one).
 
 Figures, each with its baseline measured in the same run:
 
@@ -23,6 +25,7 @@ Figures, each with its baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -30,6 +33,7 @@ import multiprocessing
 import os
 import platform
 import select
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -51,10 +55,11 @@ from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.capture import postgres_pgoutput as pgoutput
 from optsync.capture.postgres import PostgresSource
+from optsync.config import SourceSettings, load_settings
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
 from optsync.formats import dms
-from optsync.pipeline import SYNC_SECONDS
+from optsync.pipeline import SYNC_SECONDS, Pipeline
 from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint, StreamRecord
 from optsync.stream.embedded import EmbeddedStream
@@ -481,38 +486,56 @@ def bench_latency(
     repl.close()
     raw = latencies(out, received)
 
-    # optsync: source -> stream -> apply -> engine.
-    source = PostgresSource(url, ["optin_status"], name="latency", publication="bench")
-    pipe = Pipe(work / "latency", source)
+    # optsync: source -> stream -> apply -> engine, as ``optsync run`` runs it (capture in a
+    # child process, apply in a thread of this one).
+    settings = dataclasses.replace(
+        load_settings(None, env={}),
+        data_dir=work / "latency",
+        source=SourceSettings(
+            url=url, tables=("optin_status",), name="latency", publication="bench"
+        ),
+        mappings=(RULE,),
+        serve_api=False,
+    )
+    store = SQLiteStore(settings.engine_path, settings.engine)
     applied: dict[int, float] = {}
+
+    def note(events: Sequence[ChangeEvent]) -> None:
+        now = time.time()
+        for event in events:
+            seq = (event.after or {}).get("seq")
+            if seq is not None:
+                applied[int(seq)] = now
+
+    pipeline = Pipeline(settings, store, on_applied=note)
+    pipeline.start()
+    try:
+        while not pipeline.snapshot_done.wait(0.1):
+            pipeline.check()
+        deadline = time.monotonic() + 120
+        while store.count_endpoints(pipeline.app.id) < rows and time.monotonic() < deadline:
+            pipeline.check()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        applied.clear()  # the snapshot's loads carry seq too: only the paced updates count
+        out = work / "commits-optsync.txt"
+        process = context.Process(target=writer, args=(url, rate, seconds, rows, str(out)))
+        process.start()
+        process.join()
+        deadline = time.monotonic() + 30
+        while len(applied) < int(rate * seconds) and time.monotonic() < deadline:
+            pipeline.check()
+            time.sleep(0.01)
+    finally:
+        pipeline.stop()
+        store.close()
+    # When each record reached the stream: its appended_at, read from the stream file.
     stored: dict[int, float] = {}
-
-    def noting(into: dict[int, float]) -> Callable[[Sequence[ChangeEvent]], None]:
-        def note(events: Sequence[ChangeEvent]) -> None:
-            now = time.time()
-            for event in events:
-                seq = (event.after or {}).get("seq")
-                if seq is not None:
-                    into[int(seq)] = now
-
-        return note
-
-    pipe.on_event = noting(applied)
-    pipe.on_stored = noting(stored)
-    pipe.start()
-    while not pipe.snapshot_done.wait(0.1):
-        if pipe.failure:
-            raise pipe.failure[0]
-    pipe.wait_applied(rows)
-    time.sleep(0.5)
-    out = work / "commits-optsync.txt"
-    process = context.Process(target=writer, args=(url, rate, seconds, rows, str(out)))
-    process.start()
-    process.join()
-    deadline = time.monotonic() + 30
-    while len(applied) < int(rate * seconds) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    pipe.close()
+    with closing(sqlite3.connect(settings.stream_path)) as conn:
+        for data, appended_at in conn.execute("SELECT data, appended_at FROM records"):
+            seq = dms.decode(bytes(data)).row.get("seq")
+            if seq is not None:
+                stored[int(seq)] = appended_at  # the last record per seq: the paced update
     return {
         "raw": raw,
         "stored": latencies(out, stored),
