@@ -337,11 +337,31 @@ def apply_process(folder: str, stop: Any, results: Any) -> None:
         closable.close()
 
 
-class Pipeline:
-    """What ``optsync.pipeline.Pipeline`` runs, with ``MySQLSource`` as the source.
+class Applying:
+    """A pipeline under test: ``seen`` counts what apply applied, ``check`` raises its failure."""
+
+    seen: Seen
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def wait_applied(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.seen.applied < count:
+            self.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {self.seen.applied:,} of {count:,} applied in {timeout} s"
+                )
+            time.sleep(0.01)
+
+
+class Pipeline(Applying):
+    """The pipeline's pieces with ``MySQLSource``, capture as a thread of this process.
 
     ``split``: apply runs in a process of its own (``optsync capture`` + ``optsync apply``)
-    instead of a thread beside capture.
+    instead of a thread beside capture (the layout before ``optsync run`` had a capture
+    process; ``RunPipeline`` is that one).
     """
 
     def __init__(
@@ -433,16 +453,6 @@ class Pipeline:
         if self.failure is not None:
             raise self.failure
 
-    def wait_applied(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.seen.applied < count:
-            self.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {self.seen.applied:,} of {count:,} applied in {timeout} s"
-                )
-            time.sleep(0.01)
-
     def stop(self) -> None:
         self.stop_event.set()
         self._stop_child.set()
@@ -456,7 +466,7 @@ class Pipeline:
         self.store.close()
 
 
-class RunPipeline:
+class RunPipeline(Applying):
     """``optsync.pipeline.Pipeline`` as ``optsync run`` starts it: capture in a child process
     (which starts the binlog reader process), apply in a thread of this one.
 
@@ -487,16 +497,6 @@ class RunPipeline:
 
     def check(self) -> None:
         self.pipeline.check()
-
-    def wait_applied(self, count: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.seen.applied < count:
-            self.check()
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"only {self.seen.applied:,} of {count:,} applied in {timeout} s"
-                )
-            time.sleep(0.01)
 
     def stop(self) -> None:
         self.pipeline.stop()
