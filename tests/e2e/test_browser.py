@@ -8,7 +8,8 @@ The story is the AWS blog's, seen from both sides: an operator creates ``US-Segm
 console and watches its estimate; user1..user4 opt out on the preference page, which writes the
 application database; the console's live estimate drops from 9 to 5 without a reload, and
 user1's endpoint page shows the opt-out in its consent history. Screenshots go to
-``artifacts/screenshots/`` (ignored by git) and are copied to ``docs/images/`` for the README.
+``artifacts/screenshots/`` (ignored by git); with ``OPTSYNC_PUBLISH_SCREENSHOTS=1`` the two the
+README shows are copied to ``docs/images/`` too (a plain test run leaves tracked files alone).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def screenshot(page: Page, name: str, *, publish: bool) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
-    if publish:
+    if publish and os.environ.get("OPTSYNC_PUBLISH_SCREENSHOTS") == "1":
         DOC_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOC_IMAGES / f"{name}.png")
 
