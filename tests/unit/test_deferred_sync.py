@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -165,4 +166,37 @@ def test_a_non_durable_write_is_visible_and_leaves_the_connection_durable(
     store.sync()  # a durable write leaves nothing to sync
     assert len(synced) == 1
     assert store.get_endpoint(app, "e1").opt_out is OptOut.ALL
+    store.close()
+
+
+def test_the_checkpointer_copies_the_wal_into_the_database_and_stops_with_the_store(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "engine.db"
+    store = SQLiteStore(path, checkpoint_bytes=64 * 1024)
+    app = store.create_app("a").id
+    before = path.stat().st_size
+    patches = [
+        EndpointPatch(id=f"e{n}", channel_type=ChannelType.SMS, address=f"+1206555{n:04d}")
+        for n in range(2_000)
+    ]
+    store.write_endpoints(app, patches, Cause(CauseKind.API, ""))
+    # The writer checkpoints only past WRITER_CHECKPOINT_PAGES (40 MiB): pages reach the
+    # database file because the checkpointer thread copied them.
+    deadline = time.monotonic() + 10
+    while path.stat().st_size == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.stat().st_size > before
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    store.close()
+    assert not checkpointer._thread.is_alive()
+    reopened = SQLiteStore(path)
+    assert reopened.count_endpoints(app) == 2_000
+    reopened.close()
+
+
+def test_an_in_memory_store_has_no_checkpointer() -> None:
+    store = SQLiteStore(":memory:")
+    assert store._checkpointer is None
     store.close()

@@ -19,6 +19,16 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 """1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in."""
 
+CHECKPOINT_BYTES = 8 * 1024 * 1024
+"""The checkpointer thread copies the WAL into the database once the -wal file is this big."""
+CHECKPOINT_POLL = 0.05
+"""Seconds between the checkpointer's looks at the -wal file."""
+WRITER_CHECKPOINT_PAGES = 10_000
+"""Past this many WAL pages (40 MiB) the writing connection checkpoints by itself: the bound
+when the checkpointer falls behind."""
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""``journal_size_limit``: a -wal file that grew past this is cut back when it starts over."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
     id TEXT PRIMARY KEY,
@@ -172,7 +182,13 @@ class SQLiteStore(SqlStore):
     the API's threads hold it only for the length of one statement batch.
     """
 
-    def __init__(self, path: str | Path, settings: StoreSettings | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        settings: StoreSettings | None = None,
+        *,
+        checkpoint_bytes: int = CHECKPOINT_BYTES,
+    ) -> None:
         super().__init__(settings)
         self.path = str(path)
         if self.path != ":memory:":
@@ -197,6 +213,11 @@ class SQLiteStore(SqlStore):
         self._conn.execute("PRAGMA analysis_limit = 1000")
         self._conn.execute("PRAGMA optimize = 0x10002")
         self._optimized_at = 0
+        self._checkpointer: _Checkpointer | None = None
+        if self.path != ":memory:":
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            self._checkpointer = _Checkpointer(self.path, checkpoint_bytes)
 
     def _migrate(self) -> bool:
         """Bring an engine file written by an earlier version up to ``SCHEMA_VERSION``.
@@ -285,5 +306,49 @@ class SQLiteStore(SqlStore):
                 cur.execute("COMMIT")
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         with self._lock:
             self._conn.close()
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file from a thread of its own.
+
+    SQLite's own checkpoint runs inside the COMMIT that crosses ``wal_autocheckpoint``, on the
+    writer's thread: with about 8 KB of WAL per endpoint change (random index pages), that was
+    about 40 % of the engine's time for 1,000-change batches (bench: 5,931 changes/s with it,
+    10,172 without any checkpoint). Here a PASSIVE checkpoint, which never waits for readers or
+    the writer, runs on its own connection whenever the -wal file passes ``checkpoint_bytes``;
+    SQLite releases the GIL meanwhile, so it uses the other core while the writer goes on. The
+    writer still checkpoints by itself past ``WRITER_CHECKPOINT_PAGES``, should this thread fall
+    behind, and the -wal file starts over (cut back to ``WAL_SIZE_LIMIT``) after a checkpoint
+    that copied everything.
+    """
+
+    def __init__(self, path: str, checkpoint_bytes: int) -> None:
+        self.path = path
+        self.wal = path + "-wal"
+        self.checkpoint_bytes = checkpoint_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            while not self._stop.wait(CHECKPOINT_POLL):
+                try:
+                    if os.path.getsize(self.wal) < self.checkpoint_bytes:
+                        continue
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except FileNotFoundError:
+                    continue  # no -wal file: nothing to copy
+                except sqlite3.Error as exc:  # busy with another checkpoint, or the disk
+                    log.debug("engine checkpoint skipped path=%s reason=%s", self.path, exc)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
