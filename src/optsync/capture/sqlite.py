@@ -100,6 +100,7 @@ import msgspec
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent, Op, position_of
+from optsync.sqlite_sync import without_fsync
 
 __all__ = ("CHANGE_TABLE", "SQLiteSource")
 
@@ -758,21 +759,19 @@ class SQLiteSource(ChangeSource):
                 return
             try:
                 # A cleanup a power cut undoes is done again later: no need to wait for the disk.
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute(f"PRAGMA busy_timeout = {_ACK_BUSY_MS}")
-                low = conn.execute(f"SELECT min(seq) FROM {CHANGE_TABLE}").fetchone()[0]
-                while low is not None and low <= upto:
-                    high = min(low + _ACK_CHUNK - 1, upto)
-                    conn.execute(f"DELETE FROM {CHANGE_TABLE} WHERE seq <= ?", (high,))
-                    low = high + 1
+                with without_fsync(conn):
+                    conn.execute(f"PRAGMA busy_timeout = {_ACK_BUSY_MS}")
+                    low = conn.execute(f"SELECT min(seq) FROM {CHANGE_TABLE}").fetchone()[0]
+                    while low is not None and low <= upto:
+                        high = min(low + _ACK_CHUNK - 1, upto)
+                        conn.execute(f"DELETE FROM {CHANGE_TABLE} WHERE seq <= ?", (high,))
+                        low = high + 1
                 self._cleaned_upto = upto
             except sqlite3.OperationalError as exc:
                 text = str(exc).lower()
                 if "locked" not in text and "busy" not in text:
                     raise Fatal(f"source {self.name!r}: acknowledge failed: {exc}") from exc
                 logger.debug("change-table cleanup deferred source=%s reason=%s", self.name, exc)
-            finally:
-                conn.execute("PRAGMA synchronous = FULL")
 
     def close(self) -> None:
         cleaner, self._cleaner = self._cleaner, None

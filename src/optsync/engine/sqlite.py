@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.sqlite_sync import without_fsync
 
 __all__ = ("SQLiteStore",)
 
@@ -258,9 +259,8 @@ class SQLiteStore(SqlStore):
         with self._lock:
             cur = self._conn.cursor()
             if not durable:
-                # WAL + NORMAL: the commit is appended to the -wal file without an fsync.
-                cur.execute("PRAGMA synchronous = NORMAL")
-            try:
+                self._unsynced = True  # for ``sync``, whether this commit happens or not
+            with without_fsync(cur, skip=not durable):
                 cur.execute("BEGIN IMMEDIATE")
                 try:
                     yield cur
@@ -268,10 +268,6 @@ class SQLiteStore(SqlStore):
                     cur.execute("ROLLBACK")
                     raise
                 cur.execute("COMMIT")
-            finally:
-                if not durable:
-                    cur.execute("PRAGMA synchronous = FULL")
-                    self._unsynced = True
 
     def sync(self) -> None:
         """fsync the -wal file if a commit since the last ``sync`` skipped it.

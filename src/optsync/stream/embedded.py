@@ -33,6 +33,7 @@ import msgspec
 from optsync.errors import Fatal, Retryable
 from optsync.events import ChangeEvent
 from optsync.formats.dms import encode_many
+from optsync.sqlite_sync import without_fsync
 from optsync.stream.base import ChangeStream, Checkpoint, StreamRecord, StreamStats
 
 __all__ = ("EmbeddedStream",)
@@ -301,22 +302,19 @@ class EmbeddedStream(ChangeStream):
         with self._write_lock:
             self._check_open()
             conn = self._writer
-            if not durable:
-                conn.execute("PRAGMA synchronous = NORMAL")
-            fcntl.flock(self._turns, fcntl.LOCK_EX)  # this process's turn among the writers
-            try:
-                _begin(conn)
+            with without_fsync(conn, skip=not durable):
+                fcntl.flock(self._turns, fcntl.LOCK_EX)  # this process's turn among the writers
                 try:
-                    yield conn
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            finally:
-                fcntl.flock(self._turns, fcntl.LOCK_UN)
-                if not durable:
-                    conn.execute("PRAGMA synchronous = FULL")
+                    _begin(conn)
+                    try:
+                        yield conn
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                finally:
+                    fcntl.flock(self._turns, fcntl.LOCK_UN)
 
     @contextmanager
     def _sqlite_errors(self, action: str) -> Iterator[None]:
