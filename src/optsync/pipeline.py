@@ -250,11 +250,17 @@ def capture(
     while not stop.is_set():
         try:
             _capture_from_checkpoint(source, stream, stop, on_log_phase, progress)
-            return
         except Retryable as exc:  # busy or locked: start again from the saved checkpoint
             logger.warning("capture retry reason=%s", exc)
             source.close()
             stop.wait(RETRY_SECONDS)
+            continue
+        if not stop.is_set():  # a source reads until it is closed: never end quietly
+            raise Fatal(
+                f"capture of source {source.name!r} stopped reading without being asked to; "
+                "its saved checkpoint is intact: start optsync again to resume from it"
+            )
+        return
 
 
 def _capture_from_checkpoint(

@@ -617,6 +617,24 @@ def test_positioned_delete_leaves_a_tombstone(store: EndpointStore, app_id: str)
     assert store.get_endpoint(app_id, "e1").source_position == "0010"
 
 
+def test_api_delete_keeps_the_source_position_as_a_tombstone(
+    store: EndpointStore, app_id: str
+) -> None:
+    """An older source record replayed after an API delete (a dead letter, say) must not bring
+    back the endpoint: found in review, the delete used to forget the position it held."""
+    write(store, app_id, sms("e1", opt_out=OptOut.ALL, position="0009"), cause=source("0009"))
+    store.delete_endpoint(app_id, "e1", API)
+
+    replayed = write(store, app_id, sms("e1", opt_out=OptOut.NONE, position="0007"))
+    assert replayed == WriteResult(stale=1)
+    with pytest.raises(NotFound):
+        store.get_endpoint(app_id, "e1")
+
+    newer = write(store, app_id, sms("e1", opt_out=OptOut.NONE, position="0010"))
+    assert newer == WriteResult(applied=1)
+    assert store.get_endpoint(app_id, "e1").source_position == "0010"
+
+
 def test_delete_of_a_missing_endpoint_counts_missing(store: EndpointStore, app_id: str) -> None:
     result = write(
         store,

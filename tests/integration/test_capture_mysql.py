@@ -35,9 +35,11 @@ from optsync.capture.base import CaptureBatch
 from optsync.capture.mysql import MySQLSource, PositionLost, PreflightFailed, default_server_id
 from optsync.capture.mysql_position import GtidPosition
 from optsync.engine.models import OptOut
-from optsync.errors import ConfigError, NotFound
+from optsync.errors import ConfigError, NotFound, Retryable
 from optsync.events import ChangeEvent, Op
 from optsync.formats import dms
+from optsync.pipeline import capture
+from optsync.stream.embedded import EmbeddedStream
 
 pytestmark = pytest.mark.integration
 
@@ -348,6 +350,58 @@ def random_writes(
 
 
 # -- address change, delete, schema change ---------------------------------------------------
+
+
+def test_capture_retry_closes_and_opens_the_source_again(
+    server: MariaDBServer, db: str, tmp_path: Path
+) -> None:
+    """After a retryable failure the pipeline's ``capture`` closes the source and opens it again
+    from the stream's checkpoint. The MySQL source used to refuse the second ``open`` ("already
+    open"), or, after a failed ``open``, end its batches at once and capture quietly stopped."""
+    with app_db(server, db) as cur:
+        cur.execute(SAMPLE_DDL)
+        sample_users(cur)
+    source = MySQLSource(url(server, db), ["optin_status"], idle_wait=0.05)
+    stream = EmbeddedStream(tmp_path / "stream.db")
+    append = stream.append
+    injected: list[int] = []
+
+    def append_failing_once(events: Sequence[ChangeEvent], checkpoint: Any = None) -> int:
+        if not injected:  # the stream's file busy for a moment, as another process may make it
+            injected.append(len(events))
+            raise Retryable("stream busy (injected by the test)")
+        return append(events, checkpoint)
+
+    stream.append = append_failing_once  # type: ignore[method-assign]
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            capture(source, stream, stop, lambda: None)
+        except BaseException as exc:
+            failures.append(exc)
+
+    def ops() -> list[str]:
+        records = stream.read("test", 1000, after=0)
+        return [dms.decode(r.data).op.value for r in records]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: ops().count("load") == 9 or bool(failures), "the snapshot after a retry")
+        with app_db(server, db) as cur:
+            cur.execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user1'")
+        wait_until(lambda: "update" in ops() or bool(failures), "the log after a retry")
+        seen = ops()
+    finally:
+        stop.set()
+        thread.join(30)
+        stream.close()
+    assert failures == []
+    assert not thread.is_alive()
+    assert injected and injected[0] > 0
+    assert seen.count("load") == 9 and seen.count("update") == 1
 
 
 def test_address_change_moves_the_endpoint_and_delete_removes_it(

@@ -848,6 +848,48 @@ def test_a_transaction_split_over_batches_is_read_again_whole(db: str, tmp_path:
         assert capture.pieces.estimate() == (2500, 0)
 
 
+def test_connection_lost_after_a_commit_was_read_loses_nothing(db: str, tmp_path: Path) -> None:
+    """The walsender dies after a commit was read but before its events were handed over.
+
+    Reading a commit moves the source's boundary past it while its events still wait in the
+    reader; the reconnect must start from the last boundary handed over, or the slot never
+    sends that transaction again (found in review: the four opt-outs were lost).
+    """
+    sample_table(db)
+    with capturing(db, tmp_path, ["optin_status"]) as capture:
+        capture.drain()
+        source = capture.source
+        handle = source._handle
+        broken: list[int] = []
+
+        def handle_then_break(payload: bytes, transaction: Any, out: list[ChangeEvent]) -> Any:
+            result = handle(payload, transaction, out)
+            if transaction is not None and result is None and not broken:
+                # A commit was just read and nothing handed over yet: end the walsender now.
+                broken.append(len(out))
+                run(
+                    db,
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                    "WHERE slot_name = 'optsync_postgres' AND active_pid IS NOT NULL",
+                )
+                deadline = time.monotonic() + 10
+                while run_rows(db, "SELECT active FROM pg_replication_slots") != [(False,)]:
+                    assert time.monotonic() < deadline, "the walsender did not end"
+                    time.sleep(0.05)
+            return result
+
+        source._handle = handle_then_break  # type: ignore[method-assign]
+        lsn = run(
+            db,
+            "UPDATE optin_status SET optin = 0 "
+            "WHERE userid IN ('user1', 'user2', 'user3', 'user4')",
+        )
+        capture.drain(lsn)
+        assert broken == [4]  # the failure came with the four changes still in the reader
+        assert capture.pieces.estimate() == (9, 5)
+        assert_converged(db, capture.pieces)
+
+
 def test_resnapshot_state_loads_every_row_again_and_keeps_the_slot(db: str, tmp_path: Path) -> None:
     sample_table(db)
     with capturing(db, tmp_path, ["optin_status"]) as capture:

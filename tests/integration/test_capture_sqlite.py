@@ -339,6 +339,30 @@ def test_restart_in_the_middle_of_the_snapshot(tmp_path: Path) -> None:
     assert (7,) not in replayed
 
 
+def test_restart_in_the_snapshot_after_vacuum_renumbered_the_rows(tmp_path: Path) -> None:
+    """A table keyed by rowid alone starts its snapshot over after a restart: VACUUM between
+    the runs renumbers its rows, and continuing after the saved rowid skipped rows (found in
+    review: row31..row40 were never loaded)."""
+    path = tmp_path / "app.db"
+    numbers_table(path, 100, primary_key=False)
+    options: dict[str, Any] = {"chunk_size": 10, "idle_wait": 0.05}
+
+    with capture(path, ["t"], **options) as (_, batches):
+        first_run = [next(batches) for _ in range(3)]
+    state = first_run[-1].state
+    assert json.loads(state)["after_rowid"] == 30
+
+    with app_db(path) as app:  # between the runs: rows deleted, the file vacuumed
+        app.execute("DELETE FROM t WHERE v <= 10")
+        app.execute("VACUUM")
+        renumbered = app.execute("SELECT rowid FROM t WHERE v = 31").fetchone()[0]
+    assert renumbered == 21  # row31 now sits below the saved cursor
+
+    with capture(path, ["t"], state, **options) as (_, batches):
+        loads, _ = read_snapshot(batches)
+    assert sorted(e.after["v"] for e in loads if e.after) == list(range(11, 101))
+
+
 def test_snapshot_with_concurrent_writes(tmp_path: Path) -> None:
     """No gap and no lost update: replaying the events rebuilds the table exactly."""
     path = tmp_path / "app.db"

@@ -1,8 +1,12 @@
 """The dead-letter queue: records apply could not use, with the reason, never dropped.
 
 Stored in ``DATA_DIR/dlq.db``. An entry keeps the raw stream record, so ``optsync dlq replay``
-can run it through the (possibly corrected) mapping again. One entry per (consumer, stream
-offset): a record redelivered after a crash does not appear twice.
+can run it through the (possibly corrected) mapping again. One entry per record: the same record
+(consumer, stream offset and bytes) redelivered after a crash does not appear twice, and comes
+back into the queue if it had been replayed and fails again. A *different* record at an offset
+already used (a stream file replaced by an empty one starts its offsets again) is a new entry.
+Schema version 1 refused that second record silently (``UNIQUE (consumer, stream_offset)``
+with ``INSERT OR IGNORE``); a version 1 file is rebuilt without the constraint when opened.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pathlib import Path
 
 __all__ = ("DeadLetter", "DeadLetterQueue")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS dead_letters (
+_SCHEMA_VERSION = 2
+_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
     consumer TEXT NOT NULL,
@@ -25,10 +30,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     partition_key TEXT NOT NULL,
     reason TEXT NOT NULL,
     data BLOB NOT NULL,
-    replayed_at REAL,
-    UNIQUE (consumer, stream_offset)
-);
+    replayed_at REAL
+)
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS dead_letters_offset ON dead_letters (consumer, stream_offset)"
+_COLUMNS = "id, at, consumer, stream_offset, partition_key, reason, data, replayed_at"
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,31 @@ class DeadLetterQueue:
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA busy_timeout = 10000")
-        self._conn.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the table, or rebuild a version 1 table without its UNIQUE constraint."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'"
+            ).fetchone()
+            if exists and version < _SCHEMA_VERSION:
+                conn.execute(_TABLE.format(name="dead_letters_v2"))
+                conn.execute(
+                    f"INSERT INTO dead_letters_v2 ({_COLUMNS}) SELECT {_COLUMNS} FROM dead_letters"
+                )
+                conn.execute("DROP TABLE dead_letters")
+                conn.execute("ALTER TABLE dead_letters_v2 RENAME TO dead_letters")
+            conn.execute(_TABLE.format(name="dead_letters"))
+            conn.execute(_INDEX)
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def add(self, consumer: str, entries: Sequence[tuple[int, str, bytes, str]]) -> None:
         """Store (stream offset, partition key, data, reason) entries durably."""
@@ -63,24 +93,37 @@ class DeadLetterQueue:
             return
         now = time.time()
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(
-                    "INSERT OR IGNORE INTO dead_letters (at, consumer, stream_offset, "
-                    "partition_key, reason, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(now, consumer, off, key, reason, data) for off, key, data, reason in entries],
-                )
+                for offset, key, data, reason in entries:
+                    held = conn.execute(
+                        "SELECT id, replayed_at FROM dead_letters WHERE consumer = ? AND "
+                        "stream_offset = ? AND data = ? ORDER BY id DESC LIMIT 1",
+                        (consumer, offset, data),
+                    ).fetchone()
+                    if held is None:
+                        conn.execute(
+                            "INSERT INTO dead_letters (at, consumer, stream_offset, "
+                            "partition_key, reason, data) VALUES (?, ?, ?, ?, ?, ?)",
+                            (now, consumer, offset, key, reason, data),
+                        )
+                    elif held[1] is not None:  # replayed once, dead again: back in the queue
+                        conn.execute(
+                            "UPDATE dead_letters SET replayed_at = NULL, reason = ?, at = ? "
+                            "WHERE id = ?",
+                            (reason, now, held[0]),
+                        )
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            conn.execute("COMMIT")
 
     def list(self, *, include_replayed: bool = False, limit: int = 100) -> list[DeadLetter]:
         where = "" if include_replayed else "WHERE replayed_at IS NULL"
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, at, consumer, stream_offset, partition_key, reason, data, replayed_at "
-                f"FROM dead_letters {where} ORDER BY id LIMIT ?",
+                f"SELECT {_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?",
                 (limit,),
             ).fetchall()
         return [DeadLetter(*r) for r in rows]

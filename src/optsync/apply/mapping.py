@@ -369,7 +369,14 @@ def _effective_date(rule: MappingRule, row: Row) -> str | None:
     if isinstance(value, int | float):
         # Epoch time (Debezium's DATETIME): seconds, milliseconds or microseconds by magnitude.
         micros = value * (1 if value > 1e14 else 1_000 if value > 1e11 else 1_000_000)
-        moment = _EPOCH + timedelta(microseconds=int(micros))
+        try:
+            moment = _EPOCH + timedelta(microseconds=int(micros))
+        except (OverflowError, ValueError):  # past year 9999, before year 1, NaN or infinite
+            raise MappingError(
+                f"column {rule.effective_date!r} holds a number that is no epoch time between "
+                "the years 1 and 9999 (seconds, milliseconds or microseconds): fix the value, "
+                "or drop effective_date from the [[mapping]] rule"
+            ) from None
         return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return str(value).strip() or None
 

@@ -161,6 +161,12 @@ class ApplyWorker:
             mapped = self.mapper.map(event)
         except MappingError as exc:
             return exc.reason
+        except Exception as exc:  # a value no rule foresaw: keep the record, apply the rest
+            logger.debug("mapping raised offset=%d", record.offset, exc_info=True)
+            return (
+                f"mapping failed unexpectedly ({type(exc).__name__}); the record is kept "
+                "here: report it as a defect, then replay it once fixed"
+            )
         if mapped.failed:
             if not mapped.writes:
                 return mapped.failed
@@ -193,9 +199,10 @@ class ApplyWorker:
                     self.app_id, item.writes, cause, durable=durable
                 )
             except InvalidRequest as exc:
-                dead.append(
-                    (item.record.offset, item.record.partition_key, item.record.data, str(exc))
-                )
+                if not isinstance(item, _Partial):  # a partial one is in ``dead`` already
+                    dead.append(
+                        (item.record.offset, item.record.partition_key, item.record.data, str(exc))
+                    )
                 continue
             self.stats.applied += result.applied
             self.stats.stale += result.stale

@@ -235,7 +235,7 @@ class MySQLSource(ChangeSource):
         finally:
             conn.close()
         self._server, self._tables, self._state = server, tables, resumed
-        self._opened = True
+        self._opened, self._closed = True, False  # a source closed for a retry opens again
         logger.info(
             "capture opened source=%s server=%s tables=%s keys=%s phase=%s from=%s",
             self.name,
@@ -501,7 +501,7 @@ class MySQLSource(ChangeSource):
         self._acknowledged = state
 
     def close(self) -> None:
-        self._closed = True
+        self._closed, self._opened = True, False
         self._stop_reader()
         self._drop_snapshot_connection()
 

@@ -606,13 +606,18 @@ class PostgresSource(ChangeSource):
         transaction: _Transaction | None = None
         deadline = time.monotonic() + self.idle_wait
         last_idle_confirm = time.monotonic()
+        # The state of the last batch handed over. A commit read since then moved
+        # ``self._state`` past events that are still only in ``pending``.
+        handed = self._state
         while self._repl is repl and repl is not None:
             try:
                 self._send_feedback()
                 message = cur.read_message()
             except psycopg2.Error as exc:
-                # Events of the broken transaction are read again from its start.
+                # Everything not handed over is read again, from the last boundary handed over
+                # (whole transactions: the slot sends a commit again from its start).
                 pending, transaction = [], None
+                self._state = handed
                 self._recover(exc)
                 repl, cur = self._repl, self._cur
                 continue
@@ -622,6 +627,7 @@ class PostgresSource(ChangeSource):
                 if pending and transaction is not None and self._wait_readable(repl, _PARTIAL_WAIT):
                     continue
                 if pending:
+                    handed = self._state
                     yield self._batch(pending)
                     pending = []
                     deadline = time.monotonic() + self.idle_wait
@@ -635,19 +641,23 @@ class PostgresSource(ChangeSource):
                 ):
                     # Nothing captured up to the server's wal_end: move the checkpoint there,
                     # so acknowledge() confirms it and the slot releases the WAL.
-                    self._state = replace(self._state, log_after=wal_end)
+                    self._state = handed = replace(self._state, log_after=wal_end)
                     last_idle_confirm = now
                     deadline = now + self.idle_wait
                     yield CaptureBatch((), self._state.dump(self.slot))
                     continue
                 if now >= deadline:
                     deadline = now + self.idle_wait
+                    handed = self._state
                     yield CaptureBatch((), self._state.dump(self.slot))
                     continue
                 self._wait_readable(repl, min(deadline - now, STATUS_INTERVAL))
                 continue
             transaction = self._handle(message.payload, transaction, pending)
             if len(pending) >= max_events:
+                # Mid-transaction: a row message adds one or two events and this runs after each,
+                # so the events of every commit read so far are in this slice.
+                handed = self._state
                 yield self._batch(pending[:max_events])
                 pending = pending[max_events:]
                 deadline = time.monotonic() + self.idle_wait

@@ -31,9 +31,12 @@ Why it cannot lose a change
   (table, last rowid, tables done) and where the log will start (``log_after``, the original S).
   After a restart the snapshot continues after that rowid in a *new* read transaction with a new
   S' (the rows it still loads get ``position_of(S')``), while the log still starts after the
-  original S. A change in (S, S'] to a row before the cursor is read from the log (it was loaded
-  at S, and the log has everything after S); the same change to a row after the cursor is older
-  than that row's load at S', so the guard discards it. Change rows are deleted only once the log
+  original S. Only a table whose rowid is an ``INTEGER PRIMARY KEY`` continues after its saved
+  rowid: ``VACUUM`` may renumber the rowids of any other table between the two runs and move
+  rows it has not loaded below the cursor, so such a table is loaded again from its start. A
+  change in (S, S'] to a row before the cursor is read from the log (it was loaded at S, and the
+  log has everything after S); the same change to a row after the cursor is older than that
+  row's load at S', so the guard discards it. Change rows are deleted only once the log
   has read them (``acknowledge`` does nothing until the log phase), so none of (S, S'] is gone.
 - **A table added to the configuration later** is snapshotted the same way while the log waits
   at its position: its triggers exist from ``open`` on, its loads get a fresh S >= every position
@@ -159,6 +162,10 @@ def _image(text: str) -> dict[str, Any]:
     return row
 
 
+def _is_integer(declared: object) -> bool:
+    return str(declared or "").strip().upper() == "INTEGER"
+
+
 def _trigger_name(table: str, op: str) -> str:
     return f"{_TRIGGER_PREFIX}{table}_{op}"
 
@@ -174,6 +181,8 @@ class _Table:
     """PRIMARY KEY columns in key order; empty: the table is keyed by rowid."""
     rowid: str
     """A name of the rowid that no column shadows (rowid, oid or _rowid_)."""
+    stable_rowid: bool = False
+    """The rowid is an INTEGER PRIMARY KEY column: ``VACUUM`` leaves it alone."""
 
     def image(self, prefix: str) -> str:
         """``json_object`` of every column of the row ``prefix`` names (``NEW.``, ``OLD.``, "")."""
@@ -447,7 +456,9 @@ class SQLiteSource(ChangeSource):
                 f"source {self.name!r}: table {table!r} is a WITHOUT ROWID table; the SQLite "
                 "capture reads tables in rowid order, so recreate it as a rowid table"
             ) from exc
-        return _Table(table, columns, keys, rowid)
+        # SQLite's rule: a sole PRIMARY KEY column declared exactly INTEGER is the rowid.
+        integer_key = [c for c in info if c[5]] == [c for c in info if c[5] and _is_integer(c[2])]
+        return _Table(table, columns, keys, rowid, stable_rowid=len(keys) == 1 and integer_key)
 
     def _install(
         self, conn: sqlite3.Connection, tables: dict[str, _Table], saved: _State | None
@@ -584,6 +595,16 @@ class SQLiteSource(ChangeSource):
             for name in pending:
                 table = self._tables[name]
                 after = state.after_rowid if state.table == name else 0
+                if after and not table.stable_rowid:
+                    # VACUUM may have renumbered the rows since the cursor was saved, moving
+                    # unread rows below it: load the table again from its start (rows loaded
+                    # twice are harmless, the second load is at S' >= S).
+                    logger.info(
+                        "snapshot of table=%s starts over: its rowids are not an INTEGER "
+                        "PRIMARY KEY, which VACUUM may renumber",
+                        name,
+                    )
+                    after = 0
                 state = replace(state, table=name, after_rowid=after)
                 with self._translated("snapshot"):
                     expected, done = conn.execute(

@@ -459,7 +459,8 @@ class SqlStore(SqlSegments, EndpointStore):
             cur.executemany(
                 self._sql(
                     "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
-                    "ON CONFLICT (app_id, id_key) DO UPDATE SET position = excluded.position"
+                    "ON CONFLICT (app_id, id_key) DO UPDATE SET "
+                    "position = max(tombstones.position, excluded.position)"
                 ),
                 [(app_id, k, p) for k, p in sorted(batch.tombs_written.items())],
             )

@@ -320,6 +320,11 @@ class WriteBatch:
                 return False
             self.tombs[key] = self.tombs_written[key] = delete.position
             self.tombs_removed.discard(key)
+        elif row is not None and row.endpoint.source_position is not None:
+            # A delete without a position (the API's) leaves a tombstone at the source position
+            # the endpoint held, so an older source record (a DLQ replay) cannot bring it back.
+            self.tombs[key] = self.tombs_written[key] = row.endpoint.source_position
+            self.tombs_removed.discard(key)
         if row is None:
             return None
         endpoint = row.endpoint

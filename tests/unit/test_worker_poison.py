@@ -1,0 +1,99 @@
+"""Records that break mapping in ways no rule foresaw go to the DLQ; their neighbours apply.
+
+Found in review: an epoch ``lastupdate`` far out of range raised ``OverflowError`` out of the
+mapper, which stopped the apply thread before the acknowledgement, so the same record stopped
+it again at every start and every later opt-out waited behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.mapping import Mapped, Mapper
+from optsync.apply.worker import ApplyWorker
+from optsync.cli import SAMPLE_RULE
+from optsync.engine.models import OptOut
+from optsync.engine.sqlite import SQLiteStore
+from optsync.events import ChangeEvent, Op, position_of
+from optsync.stream.memory import MemoryStream
+
+
+def change(n: int, optin: int = 0, lastupdate: object = None) -> ChangeEvent:
+    row = {"userid": f"user{n}", "phone": f"+1206555{n:04d}", "optin": optin}
+    return ChangeEvent(
+        op=Op.INSERT,
+        table="optin_status",
+        key={"rowid": n},
+        position=position_of(n),
+        after={**row, "lastupdate": lastupdate},
+        schema="main",
+    )
+
+
+class BrokenOnUser2(Mapper):
+    """The real mapper, except that user2's record raises what no rule expects."""
+
+    def map(self, event: ChangeEvent) -> Mapped:
+        if event.after and event.after.get("userid") == "user2":
+            raise RuntimeError("a defect in a mapping rule")
+        return super().map(event)
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> Iterator[tuple[MemoryStream, SQLiteStore, DeadLetterQueue]]:
+    stream, store, dlq = (
+        MemoryStream(),
+        SQLiteStore(tmp_path / "engine.db"),
+        DeadLetterQueue(":memory:"),
+    )
+    yield stream, store, dlq
+    stream.close()
+    store.close()
+    dlq.close()
+
+
+def opt_outs(store: SQLiteStore, app_id: str) -> dict[str, str]:
+    rows = store._conn.execute(
+        "SELECT id, opt_out FROM endpoints WHERE app_id = ?", (app_id,)
+    ).fetchall()
+    return dict(rows)
+
+
+@pytest.mark.parametrize("lastupdate", [1.7e18, -1e17])  # nanoseconds; before year 1
+def test_an_epoch_out_of_range_goes_to_the_dlq_and_the_rest_applies(
+    parts: tuple[MemoryStream, SQLiteStore, DeadLetterQueue], lastupdate: float
+) -> None:
+    stream, store, dlq = parts
+    app = store.create_app("a")
+    worker = ApplyWorker(stream, Mapper([SAMPLE_RULE]), store, app.id, dlq)
+    stream.append([change(1), change(2, lastupdate=lastupdate), change(3)])
+
+    assert worker.step(limit=10, wait=0) == 3
+    assert opt_outs(store, app.id) == {
+        "user1_+12065550001": OptOut.ALL.value,
+        "user3_+12065550003": OptOut.ALL.value,
+    }
+    (entry,) = dlq.list()
+    assert entry.stream_offset == 2
+    assert "'lastupdate'" in entry.reason and "epoch time" in entry.reason
+    assert stream.stats().consumers == {"apply": 3}
+
+
+def test_an_unexpected_mapping_failure_goes_to_the_dlq_and_the_rest_applies(
+    parts: tuple[MemoryStream, SQLiteStore, DeadLetterQueue],
+) -> None:
+    stream, store, dlq = parts
+    app = store.create_app("a")
+    worker = ApplyWorker(stream, BrokenOnUser2([SAMPLE_RULE]), store, app.id, dlq)
+    stream.append([change(1), change(2), change(3)])
+
+    assert worker.step(limit=10, wait=0) == 3
+    assert sorted(opt_outs(store, app.id)) == ["user1_+12065550001", "user3_+12065550003"]
+    (entry,) = dlq.list()
+    assert entry.stream_offset == 2
+    assert "RuntimeError" in entry.reason and "report it as a defect" in entry.reason
+    assert worker.stats.dead == 1
