@@ -13,23 +13,26 @@ from pathlib import Path
 import pytest
 
 from optsync.apply.dlq import DeadLetterQueue
-from optsync.apply.mapping import Mapped, Mapper
+from optsync.apply.mapping import Mapped, Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.cli import SAMPLE_RULE
-from optsync.engine.models import OptOut
+from optsync.engine.models import ChannelType, OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent, Op, position_of
 from optsync.stream.memory import MemoryStream
 
 
-def change(n: int, optin: int = 0, lastupdate: object = None) -> ChangeEvent:
-    row = {"userid": f"user{n}", "phone": f"+1206555{n:04d}", "optin": optin}
+def change(
+    n: int, optin: int = 0, lastupdate: object = None, *, at: int = 0, **more: object
+) -> ChangeEvent:
+    row = {"userid": f"user{n}", "phone": f"+1206555{n:04d}", "optin": optin, **more}
     return ChangeEvent(
-        op=Op.INSERT,
+        op=Op.INSERT if not at else Op.UPDATE,
         table="optin_status",
         key={"rowid": n},
-        position=position_of(n),
+        position=position_of(at or n),
         after={**row, "lastupdate": lastupdate},
+        before={**row, "lastupdate": lastupdate} if at else None,
         schema="main",
     )
 
@@ -97,3 +100,61 @@ def test_an_unexpected_mapping_failure_goes_to_the_dlq_and_the_rest_applies(
     assert entry.stream_offset == 2
     assert "RuntimeError" in entry.reason and "report it as a defect" in entry.reason
     assert worker.stats.dead == 1
+
+
+def test_an_opt_out_the_engine_refuses_still_opts_the_endpoint_out(
+    parts: tuple[MemoryStream, SQLiteStore, DeadLetterQueue],
+) -> None:
+    """A value over Pinpoint's limits (an attribute of 150 characters) makes the engine refuse
+    the whole change; its opt-out is applied alone and the record waits in the DLQ."""
+    stream, store, dlq = parts
+    app = store.create_app("a")
+    rule = MappingRule(
+        table="optin_status",
+        channel=ChannelType.SMS,
+        address="phone",
+        user_id="userid",
+        opt_in="optin",
+        attributes=("note",),
+    )
+    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    endpoint = "user1_+12065550001"
+    stream.append([change(1, optin=1, note="short")])
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {endpoint: OptOut.NONE.value}
+
+    stream.append([change(1, optin=0, note="x" * 150, at=20)])
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {endpoint: OptOut.ALL.value}
+    held = store.get_endpoint(app.id, endpoint)
+    assert held.source_position == position_of(20)
+    assert held.attributes == {"note": ("short",)}  # the rest of the change is not applied
+    (entry,) = dlq.list()
+    assert "OptOut ALL was applied alone" in entry.reason
+
+    stream.append([change(1, optin=0, note="x" * 150, at=10)])  # an older change: no effect
+    stream.append([change(1, optin=1, note="back", at=30)])  # a newer one applies whole
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {endpoint: OptOut.NONE.value}
+    assert store.get_endpoint(app.id, endpoint).attributes == {"note": ("back",)}
+
+
+def test_a_refused_opt_out_of_an_endpoint_that_does_not_exist_creates_nothing(
+    parts: tuple[MemoryStream, SQLiteStore, DeadLetterQueue],
+) -> None:
+    stream, store, dlq = parts
+    app = store.create_app("a")
+    rule = MappingRule(
+        table="optin_status",
+        channel=ChannelType.SMS,
+        address="phone",
+        user_id="userid",
+        opt_in="optin",
+        attributes=("note",),
+    )
+    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    stream.append([change(1, optin=0, note="x" * 150)])
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {}
+    (entry,) = dlq.list()
+    assert "applied alone" not in entry.reason

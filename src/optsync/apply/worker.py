@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingError
-from optsync.engine.models import Cause, CauseKind, EndpointDelete, EndpointPatch
+from optsync.engine.models import Cause, CauseKind, EndpointDelete, EndpointPatch, OptOut
 from optsync.engine.store import EndpointStore
 from optsync.errors import InvalidRequest
 from optsync.events import ChangeEvent, position_of
@@ -199,15 +199,44 @@ class ApplyWorker:
                     self.app_id, item.writes, cause, durable=durable
                 )
             except InvalidRequest as exc:
+                reason = str(exc)
+                if self._opt_out_alone(item, cause, durable=durable):
+                    reason += (
+                        "; its OptOut ALL was applied alone (the change's other fields were not, "
+                        "and a replay cannot add them, its position being taken: the row's next "
+                        "change does)"
+                    )
                 if not isinstance(item, _Partial):  # a partial one is in ``dead`` already
                     dead.append(
-                        (item.record.offset, item.record.partition_key, item.record.data, str(exc))
+                        (item.record.offset, item.record.partition_key, item.record.data, reason)
                     )
                 continue
             self.stats.applied += result.applied
             self.stats.stale += result.stale
             self.stats.missing += result.missing
         return dead
+
+    def _opt_out_alone(self, item: _Item, cause: Cause, *, durable: bool) -> bool:
+        """Apply the opt-outs of a record the engine refused, alone; True if one applied.
+
+        An opt-out must not wait for someone to fix, say, an attribute value that is too long.
+        Each keeps the record's position, so it cannot undo a newer change; an endpoint that does
+        not exist is not created (the patch has no channel), as nothing can message it.
+        """
+        opt_outs = [
+            EndpointPatch(id=w.id, opt_out=OptOut.ALL, position=w.position)
+            for w in item.writes
+            if isinstance(w, EndpointPatch) and w.opt_out is OptOut.ALL
+        ]
+        if not opt_outs:
+            return False
+        try:
+            result = self.store.write_endpoints(self.app_id, opt_outs, cause, durable=durable)
+        except InvalidRequest:
+            return False
+        self.stats.applied += result.applied
+        self.stats.stale += result.stale
+        return result.applied > 0
 
     def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:
         """Run dead letters through mapping and engine again; returns (replayed, failed)."""
