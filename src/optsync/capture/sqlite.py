@@ -509,8 +509,9 @@ class SQLiteSource(ChangeSource):
             raise Fatal(
                 f"source {self.name!r}: position lost: the saved state has read the change "
                 f"table up to seq {saved.log_after}, but {str(self.path)!r} has issued only up "
-                f"to {issued} (the database or {CHANGE_TABLE} was re-created); discard the "
-                "saved capture state to start over with a new snapshot"
+                f"to {issued} (the database or {CHANGE_TABLE} was re-created); start over "
+                "with a new data folder (or a new engine app): the new database's positions "
+                "start again from 1 and an engine that holds the old ones would ignore them"
             )
         present = {name.casefold() for name in triggers}
         captured = [*saved.tables_done, *([saved.table] if saved.table else [])]
