@@ -339,12 +339,18 @@ def test_restart_in_the_middle_of_the_snapshot(tmp_path: Path) -> None:
     assert (7,) not in replayed
 
 
-def test_restart_in_the_snapshot_after_vacuum_renumbered_the_rows(tmp_path: Path) -> None:
-    """A table keyed by rowid alone starts its snapshot over after a restart: VACUUM between
-    the runs renumbers its rows, and continuing after the saved rowid skipped rows (found in
-    review: row31..row40 were never loaded)."""
+@pytest.mark.parametrize("key", ["", "id INTEGER PRIMARY KEY DESC, "])
+def test_restart_in_the_snapshot_after_vacuum_renumbered_the_rows(tmp_path: Path, key: str) -> None:
+    """A table whose rowid is no INTEGER PRIMARY KEY starts its snapshot over after a restart:
+    VACUUM between the runs renumbers its rows, and continuing after the saved rowid skipped
+    rows (found in review: row31..row40 were never loaded). ``INTEGER PRIMARY KEY DESC`` is
+    no rowid alias (SQLite keeps it in an index of its own)."""
     path = tmp_path / "app.db"
-    numbers_table(path, 100, primary_key=False)
+    with app_db(path) as conn:
+        conn.execute(f"CREATE TABLE t ({key}name TEXT, v INTEGER)")
+        conn.executemany(
+            "INSERT INTO t (name, v) VALUES (?, ?)", [(f"row{n}", n) for n in range(1, 101)]
+        )
     options: dict[str, Any] = {"chunk_size": 10, "idle_wait": 0.05}
 
     with capture(path, ["t"], **options) as (_, batches):
@@ -356,7 +362,8 @@ def test_restart_in_the_snapshot_after_vacuum_renumbered_the_rows(tmp_path: Path
         app.execute("DELETE FROM t WHERE v <= 10")
         app.execute("VACUUM")
         renumbered = app.execute("SELECT rowid FROM t WHERE v = 31").fetchone()[0]
-    assert renumbered == 21  # row31 now sits below the saved cursor
+    if not key:  # SQLite 3.40 renumbers this one; the DESC table keeps its rowids, may not
+        assert renumbered == 21  # row31 now sits below the saved cursor
 
     with capture(path, ["t"], state, **options) as (_, batches):
         loads, _ = read_snapshot(batches)

@@ -130,7 +130,7 @@ def test_an_opt_out_the_engine_refuses_still_opts_the_endpoint_out(
     assert held.source_position == position_of(20)
     assert held.attributes == {"note": ("short",)}  # the rest of the change is not applied
     (entry,) = dlq.list()
-    assert "OptOut ALL was applied alone" in entry.reason
+    assert "OptOut ALL holds, applied alone" in entry.reason
 
     stream.append([change(1, optin=0, note="x" * 150, at=10)])  # an older change: no effect
     stream.append([change(1, optin=1, note="back", at=30)])  # a newer one applies whole
@@ -158,3 +158,41 @@ def test_a_refused_opt_out_of_an_endpoint_that_does_not_exist_creates_nothing(
     assert opt_outs(store, app.id) == {}
     (entry,) = dlq.list()
     assert "applied alone" not in entry.reason
+
+
+def test_a_refused_address_change_with_an_opt_out_still_removes_the_old_endpoint(
+    parts: tuple[MemoryStream, SQLiteStore, DeadLetterQueue],
+) -> None:
+    """Found in review: the opt-out was applied alone but not the delete of the endpoint the
+    address change leaves behind, so the old number stayed opted in."""
+    stream, store, dlq = parts
+    app = store.create_app("a")
+    rule = MappingRule(
+        table="optin_status",
+        channel=ChannelType.SMS,
+        address="phone",
+        user_id="userid",
+        opt_in="optin",
+        attributes=("note",),
+    )
+    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    stream.append([change(1, optin=1, note="short")])
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {"user1_+12065550001": OptOut.NONE.value}
+
+    before = {"userid": "user1", "phone": "+12065550001", "optin": 1, "note": "short"}
+    after = {"userid": "user1", "phone": "+12065550099", "optin": 0, "note": "x" * 150}
+    moved = ChangeEvent(
+        op=Op.UPDATE,
+        table="optin_status",
+        key={"rowid": 1},
+        position=position_of(20),
+        before={**before, "lastupdate": None},
+        after={**after, "lastupdate": None},
+        schema="main",
+    )
+    stream.append([moved])
+    worker.step(limit=10, wait=0)
+    assert opt_outs(store, app.id) == {}  # the old number is gone; the new one never existed
+    (entry,) = dlq.list()
+    assert entry.stream_offset == 2

@@ -64,21 +64,35 @@ class DeadLetterQueue:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Create the table, or rebuild a version 1 table without its UNIQUE constraint."""
+        """Create the table, or rebuild a version 1 table without its UNIQUE constraint.
+
+        A file at the current version is only read: status readers open it often.
+        """
         conn = self._conn
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, under the lock
             exists = conn.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dead_letters'"
             ).fetchone()
             if exists and version < _SCHEMA_VERSION:
+                (last_id,) = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'dead_letters'"
+                ).fetchone() or (None,)
                 conn.execute(_TABLE.format(name="dead_letters_v2"))
                 conn.execute(
                     f"INSERT INTO dead_letters_v2 ({_COLUMNS}) SELECT {_COLUMNS} FROM dead_letters"
                 )
                 conn.execute("DROP TABLE dead_letters")
                 conn.execute("ALTER TABLE dead_letters_v2 RENAME TO dead_letters")
+                if last_id is not None:  # ids of deleted entries are never handed out again
+                    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'dead_letters'")
+                    conn.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('dead_letters', ?)",
+                        (last_id,),
+                    )
             conn.execute(_TABLE.format(name="dead_letters"))
             conn.execute(_INDEX)
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")

@@ -3,8 +3,9 @@
 Order of effects for one batch: engine writes (one transaction), dead letters (durable), then the
 stream acknowledgement. A crash anywhere before the acknowledgement redelivers the batch, and the
 engine's position guard makes the second application a no-op (exactly-once effect); the DLQ keeps
-one entry per stream offset. A batch the engine refuses (a limit, a bad value) is retried record
-by record, so one poison record goes to the DLQ while its neighbours apply.
+one entry per record. A batch the engine refuses (a limit, a bad value) is retried record by
+record, so one poison record goes to the DLQ while its neighbours apply; the deletes and opt-outs
+of a refused record are still applied, alone (``_opt_out_alone``).
 
 ``sync_interval > 0`` (what ``optsync up`` and ``run`` use) takes the disk wait off each batch:
 the engine commits without an fsync (visible at once, safe against a crash of the process), the
@@ -23,7 +24,14 @@ from dataclasses import dataclass, field
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingError
-from optsync.engine.models import Cause, CauseKind, EndpointDelete, EndpointPatch, OptOut
+from optsync.engine.models import (
+    Cause,
+    CauseKind,
+    EndpointDelete,
+    EndpointPatch,
+    OptOut,
+    WriteResult,
+)
 from optsync.engine.store import EndpointStore
 from optsync.errors import InvalidRequest
 from optsync.events import ChangeEvent, position_of
@@ -202,9 +210,9 @@ class ApplyWorker:
                 reason = str(exc)
                 if self._opt_out_alone(item, cause, durable=durable):
                     reason += (
-                        "; its OptOut ALL was applied alone (the change's other fields were not, "
-                        "and a replay cannot add them, its position being taken: the row's next "
-                        "change does)"
+                        "; its OptOut ALL holds, applied alone (the change's other fields were "
+                        "not, and a replay cannot add them, its position being taken: the row's "
+                        "next change does)"
                     )
                 if not isinstance(item, _Partial):  # a partial one is in ``dead`` already
                     dead.append(
@@ -217,12 +225,16 @@ class ApplyWorker:
         return dead
 
     def _opt_out_alone(self, item: _Item, cause: Cause, *, durable: bool) -> bool:
-        """Apply the opt-outs of a record the engine refused, alone; True if one applied.
+        """Apply the safe part of a record the engine refused: its deletes, then its opt-outs.
 
-        An opt-out must not wait for someone to fix, say, an attribute value that is too long.
-        Each keeps the record's position, so it cannot undo a newer change; an endpoint that does
-        not exist is not created (the patch has no channel), as nothing can message it.
+        An opt-out must not wait for someone to fix, say, an attribute value that is too long,
+        and neither may the removal of the endpoint an address change leaves behind. Each write
+        keeps the record's position, so none can undo a newer change; each opt-out is written
+        alone, and one for an endpoint that does not exist creates nothing (the patch has no
+        channel) and does not stop the others. True if an opt-out holds at the record's
+        position or a newer one (applied now, or by an earlier attempt).
         """
+        deletes = [w for w in item.writes if isinstance(w, EndpointDelete)]
         opt_outs = [
             EndpointPatch(id=w.id, opt_out=OptOut.ALL, position=w.position)
             for w in item.writes
@@ -230,13 +242,26 @@ class ApplyWorker:
         ]
         if not opt_outs:
             return False
+        if deletes:
+            self._write_alone(deletes, cause, durable=durable)
+        held = False
+        for patch in opt_outs:
+            result = self._write_alone([patch], cause, durable=durable)
+            held = held or (result is not None and result.applied + result.stale > 0)
+        return held
+
+    def _write_alone(
+        self, writes: Sequence[Write], cause: Cause, *, durable: bool
+    ) -> WriteResult | None:
+        """``writes`` in a transaction of their own; None if the engine refuses them."""
         try:
-            result = self.store.write_endpoints(self.app_id, opt_outs, cause, durable=durable)
+            result = self.store.write_endpoints(self.app_id, writes, cause, durable=durable)
         except InvalidRequest:
-            return False
+            return None
         self.stats.applied += result.applied
         self.stats.stale += result.stale
-        return result.applied > 0
+        self.stats.missing += result.missing
+        return result
 
     def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:
         """Run dead letters through mapping and engine again; returns (replayed, failed)."""

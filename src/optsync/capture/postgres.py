@@ -609,6 +609,7 @@ class PostgresSource(ChangeSource):
         # The state of the last batch handed over. A commit read since then moved
         # ``self._state`` past events that are still only in ``pending``.
         handed = self._state
+        committed = 0  # how many events at the head of ``pending`` belong to commits read
         while self._repl is repl and repl is not None:
             try:
                 self._send_feedback()
@@ -616,7 +617,7 @@ class PostgresSource(ChangeSource):
             except psycopg2.Error as exc:
                 # Everything not handed over is read again, from the last boundary handed over
                 # (whole transactions: the slot sends a commit again from its start).
-                pending, transaction = [], None
+                pending, transaction, committed = [], None, 0
                 self._state = handed
                 self._recover(exc)
                 repl, cur = self._repl, self._cur
@@ -629,7 +630,7 @@ class PostgresSource(ChangeSource):
                 if pending:
                     handed = self._state
                     yield self._batch(pending)
-                    pending = []
+                    pending, committed = [], 0
                     deadline = time.monotonic() + self.idle_wait
                     continue
                 wal_end = cur.wal_end
@@ -653,13 +654,18 @@ class PostgresSource(ChangeSource):
                     continue
                 self._wait_readable(repl, min(deadline - now, STATUS_INTERVAL))
                 continue
+            in_transaction = transaction is not None
             transaction = self._handle(message.payload, transaction, pending)
+            if in_transaction and transaction is None:  # a commit
+                committed = len(pending)
             if len(pending) >= max_events:
-                # Mid-transaction: a row message adds one or two events and this runs after each,
-                # so the events of every commit read so far are in this slice.
-                handed = self._state
-                yield self._batch(pending[:max_events])
+                # The slice's state may name the last commit read only if every event of it is
+                # in the slice; otherwise it keeps the boundary handed over before.
+                if committed <= max_events:
+                    handed = self._state
+                yield CaptureBatch(pending[:max_events], handed.dump(self.slot))
                 pending = pending[max_events:]
+                committed = max(0, committed - max_events)
                 deadline = time.monotonic() + self.idle_wait
 
     def _batch(self, events: list[ChangeEvent]) -> CaptureBatch:

@@ -456,9 +456,13 @@ class SQLiteSource(ChangeSource):
                 f"source {self.name!r}: table {table!r} is a WITHOUT ROWID table; the SQLite "
                 "capture reads tables in rowid order, so recreate it as a rowid table"
             ) from exc
-        # SQLite's rule: a sole PRIMARY KEY column declared exactly INTEGER is the rowid.
-        integer_key = [c for c in info if c[5]] == [c for c in info if c[5] and _is_integer(c[2])]
-        return _Table(table, columns, keys, rowid, stable_rowid=len(keys) == 1 and integer_key)
+        # A sole PRIMARY KEY column declared exactly INTEGER is the rowid, unless SQLite made it
+        # an index of its own (INTEGER PRIMARY KEY DESC): then index_list shows a 'pk' index.
+        integer_key = len(keys) == 1 and all(_is_integer(c[2]) for c in info if c[5])
+        pk_index = any(
+            row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({_quote(table)})")
+        )
+        return _Table(table, columns, keys, rowid, stable_rowid=integer_key and not pk_index)
 
     def _install(
         self, conn: sqlite3.Connection, tables: dict[str, _Table], saved: _State | None
