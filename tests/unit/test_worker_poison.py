@@ -37,6 +37,17 @@ def change(
     )
 
 
+NOTE_RULE = MappingRule(
+    table="optin_status",
+    channel=ChannelType.SMS,
+    address="phone",
+    user_id="userid",
+    opt_in="optin",
+    attributes=("note",),
+)
+"""The sample rule with an attribute, for values over Pinpoint's limits (100 characters)."""
+
+
 class BrokenOnUser2(Mapper):
     """The real mapper, except that user2's record raises what no rule expects."""
 
@@ -109,15 +120,7 @@ def test_an_opt_out_the_engine_refuses_still_opts_the_endpoint_out(
     the whole change; its opt-out is applied alone and the record waits in the DLQ."""
     stream, store, dlq = parts
     app = store.create_app("a")
-    rule = MappingRule(
-        table="optin_status",
-        channel=ChannelType.SMS,
-        address="phone",
-        user_id="userid",
-        opt_in="optin",
-        attributes=("note",),
-    )
-    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    worker = ApplyWorker(stream, Mapper([NOTE_RULE]), store, app.id, dlq)
     endpoint = "user1_+12065550001"
     stream.append([change(1, optin=1, note="short")])
     worker.step(limit=10, wait=0)
@@ -144,15 +147,7 @@ def test_a_refused_opt_out_of_an_endpoint_that_does_not_exist_creates_nothing(
 ) -> None:
     stream, store, dlq = parts
     app = store.create_app("a")
-    rule = MappingRule(
-        table="optin_status",
-        channel=ChannelType.SMS,
-        address="phone",
-        user_id="userid",
-        opt_in="optin",
-        attributes=("note",),
-    )
-    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    worker = ApplyWorker(stream, Mapper([NOTE_RULE]), store, app.id, dlq)
     stream.append([change(1, optin=0, note="x" * 150)])
     worker.step(limit=10, wait=0)
     assert opt_outs(store, app.id) == {}
@@ -167,15 +162,7 @@ def test_a_refused_address_change_with_an_opt_out_still_removes_the_old_endpoint
     address change leaves behind, so the old number stayed opted in."""
     stream, store, dlq = parts
     app = store.create_app("a")
-    rule = MappingRule(
-        table="optin_status",
-        channel=ChannelType.SMS,
-        address="phone",
-        user_id="userid",
-        opt_in="optin",
-        attributes=("note",),
-    )
-    worker = ApplyWorker(stream, Mapper([rule]), store, app.id, dlq)
+    worker = ApplyWorker(stream, Mapper([NOTE_RULE]), store, app.id, dlq)
     stream.append([change(1, optin=1, note="short")])
     worker.step(limit=10, wait=0)
     assert opt_outs(store, app.id) == {"user1_+12065550001": OptOut.NONE.value}
