@@ -18,6 +18,8 @@ import msgspec
 
 __all__ = ("ChangeEvent", "Op", "Row", "position_of")
 
+_IDS = msgspec.json.Encoder()
+
 Row = Mapping[str, Any]
 """Column name -> JSON-compatible value (str, int, float, bool, None, list, dict)."""
 
@@ -62,6 +64,17 @@ class ChangeEvent(msgspec.Struct, frozen=True):
         """The row the change is about: ``after``, or ``before`` for a delete."""
         row = self.before if self.op is Op.DELETE else self.after
         return row or {}
+
+    @property
+    def event_id(self) -> str:
+        """The stream's idempotency id: one change captured twice has the same id, two changes
+        never do. Typed JSON of (schema, table, key, position): the partition key is not enough,
+        as ``str`` makes ``1`` and ``"1"``, or ``None`` and ``"None"``, the same, and a dot in a
+        key value moves the boundary between two key columns, while every row of a snapshot has
+        the same position."""
+        return _IDS.encode(
+            [self.schema, self.table, list(self.key.items()), self.position]
+        ).decode()
 
     @property
     def partition_key(self) -> str:

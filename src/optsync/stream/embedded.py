@@ -44,7 +44,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     "offset" INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: never reused, even after trim
     partition_key TEXT NOT NULL,
-    event_id TEXT UNIQUE,                        -- partition_key@position; NULL for raw records
+    event_id TEXT UNIQUE,                        -- ChangeEvent.event_id; NULL for raw records
     data BLOB NOT NULL,
     appended_at REAL NOT NULL
 );
@@ -133,11 +133,11 @@ class EmbeddedStream(ChangeStream):
 
     def append(self, events: Sequence[ChangeEvent], checkpoint: Checkpoint | None = None) -> int:
         """Store the events not stored yet and the checkpoint in one durable transaction."""
-        keys = [e.partition_key for e in events]
-        ids = [f"{key}@{e.position}" for key, e in zip(keys, events, strict=True)]
-        if not ids and checkpoint is None:
+        if not events and checkpoint is None:
             return self.stats().head  # nothing to store: no transaction, no fsync
-        data = encode_many(events)
+        data = encode_many(events)  # first: it names a value the record format cannot carry
+        keys = [e.partition_key for e in events]
+        ids = [e.event_id for e in events]
         with self._sqlite_errors("append"), self._transaction() as conn:
             now = time.time()
             stored = _stored(conn, ids)

@@ -23,7 +23,7 @@ class MemoryStream(ChangeStream):
         self._changed = threading.Condition()
         self._records: list[StreamRecord] = []
         self._event_ids: dict[str, int] = {}
-        """``partition_key@position`` -> offset, for the retained records."""
+        """``ChangeEvent.event_id`` -> offset, for the retained records."""
         self._record_ids: dict[int, str] = {}
         self._head = 0
         self._consumers: dict[str, int] = {}
@@ -32,10 +32,9 @@ class MemoryStream(ChangeStream):
 
     def append(self, events: Sequence[ChangeEvent], checkpoint: Checkpoint | None = None) -> int:
         """Store events not stored yet, and the checkpoint; wake waiting readers."""
-        keys = [e.partition_key for e in events]
         encoded = [
-            (key, f"{key}@{e.position}", data)
-            for key, e, data in zip(keys, events, encode_many(events), strict=True)
+            (e.partition_key, e.event_id, data)
+            for e, data in zip(events, encode_many(events), strict=True)
         ]
         with self._changed:
             self._check_open()
