@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -520,3 +521,17 @@ def test_unchanged_toast_in_the_id_is_refused_with_the_fix() -> None:
     )
     with pytest.raises(MappingError, match="REPLICA IDENTITY FULL"):
         Mapper([rule]).map(event)
+
+
+@pytest.mark.parametrize("value", [2065550100.0, "2065550100.00", 2065550100, "2065550100"])
+def test_a_phone_number_in_a_number_column_keeps_its_digits(value: object) -> None:
+    """Found in review: ``str(2065550100.0)`` is ``"2065550100.0"``, which phone parsing read
+    as the number +1 20655501000: another person's. DECIMAL(p, 2) prints ``.00`` the same way."""
+    rule = replace(SAMPLE, default_region="US")
+    assert upsert(rule, phone=value).address == "+12065550100"
+
+
+def test_a_phone_number_with_a_fraction_goes_to_the_dlq() -> None:
+    rule = replace(SAMPLE, default_region="US")
+    reason = reason_of(Mapper([rule]), event(after={**ROW, "phone": 2065550100.5}))
+    assert "'phone'" in reason and "fraction" in reason

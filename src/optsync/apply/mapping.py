@@ -27,6 +27,7 @@ the opt-in flag, the user id and the attributes. Decisions:
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
@@ -302,10 +303,23 @@ def _endpoint_id(rule: MappingRule, row: Row) -> str:
     return endpoint_id
 
 
+_SCALED_WHOLE = re.compile(r"[0-9]+\.0+")
+"""A whole number as a DECIMAL(p, s) column prints it: ``15112345678.00``."""
+
+
 def _address(rule: MappingRule, row: Row) -> str:
     column = rule.address
     value = row.get(column)
+    if isinstance(value, float):  # a number column (REAL, FLOAT, DOUBLE) holding the address
+        if not value.is_integer():
+            raise MappingError(
+                f"column {column!r} (the address) holds a number with a fraction: store "
+                "addresses as text (or whole numbers)"
+            )
+        value = int(value)  # str() would add ".0", which phone parsing reads as more digits
     text = "" if value is None else str(value).strip()
+    if _SCALED_WHOLE.fullmatch(text):
+        text = text.partition(".")[0]
     if not text:
         raise MappingError(
             f"column {column!r} (the address) is NULL or empty: the row names no "

@@ -182,9 +182,27 @@ def _json_text(value: Any) -> str:
             return [plain(v) for v in item]
         if isinstance(item, decimal.Decimal):
             return float(item)
+        # Dates and times stored in JSON (JSON_OBJECT('at', NOW())): as MySQL prints them.
+        # They used to raise TypeError here, which stopped capture at that event for good.
+        if isinstance(item, dt.datetime):
+            return item.strftime("%Y-%m-%d %H:%M:%S.%f")
+        if isinstance(item, dt.date):
+            return item.strftime("%Y-%m-%d")
+        if isinstance(item, dt.time):
+            return item.strftime("%H:%M:%S.%f")
+        if isinstance(item, dt.timedelta):
+            return _json_duration(item)
         return item
 
-    return json.dumps(plain(value), ensure_ascii=False, separators=(", ", ": "))
+    return json.dumps(plain(value), ensure_ascii=False, separators=(", ", ": "), default=str)
+
+
+def _json_duration(delta: dt.timedelta) -> str:
+    """A TIME value inside JSON, as MySQL prints it (``-01:02:03.000000``)."""
+    micros = abs(delta) // dt.timedelta(microseconds=1)
+    seconds, fraction = divmod(micros, 1_000_000)
+    sign = "-" if delta < dt.timedelta(0) else ""
+    return f"{sign}{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}.{fraction:06d}"
 
 
 # -- snapshot: the server's text ---------------------------------------------------------------
