@@ -44,7 +44,7 @@ from optsync.engine.models import ChannelType
 from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
 from optsync.engine.store import EndpointStore
-from optsync.errors import ConfigError
+from optsync.errors import ConfigError, Fatal
 from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app, open_source
 from optsync.prefcenter import create_prefcenter, prefs_context
@@ -421,6 +421,16 @@ def apply(config_path: Path) -> None:
         store.close()
 
 
+def _existing_data(settings: Settings) -> Settings:
+    """``settings`` if its data folder holds optsync's files; else a ConfigError naming it."""
+    if not settings.data_dir.is_dir() or not settings.engine_path.exists():
+        raise ConfigError(
+            f"{settings.data_dir} holds no optsync data: check --data-dir (or data_dir in the "
+            "config), or start `optsync up` first"
+        )
+    return settings
+
+
 def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
     if config_path is not None:
         settings = load_settings(config_path)
@@ -434,9 +444,7 @@ def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
 def status(config_path: Path | None, data_dir: Path | None) -> None:
     """Positions, lag per stage, DLQ size and segment estimates."""
-    settings = _settings_for(config_path, data_dir)
-    if not settings.engine_path.exists():
-        raise ConfigError(f"{settings.data_dir} holds no optsync data: start `optsync up` first")
+    settings = _existing_data(_settings_for(config_path, data_dir))
     store = SQLiteStore(settings.engine_path, settings.engine)
     try:
         report = read_status(settings, store)
@@ -480,7 +488,7 @@ def dlq() -> None:
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed entries.")
 def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: bool) -> None:
     """List dead letters (id, stream offset, reason)."""
-    settings = _settings_for(config_path, data_dir)
+    settings = _existing_data(_settings_for(config_path, data_dir))
     queue = DeadLetterQueue(settings.dlq_path)
     try:
         entries = queue.list(include_replayed=include_replayed, limit=1000)
@@ -506,7 +514,7 @@ def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: 
 @click.argument("ids", nargs=-1, type=int)
 def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, ...]) -> None:
     """Run dead letters (all, or the given ids) through mapping and engine again."""
-    settings = _settings_for(config_path, data_dir)
+    settings = _existing_data(_settings_for(config_path, data_dir))
     store = SQLiteStore(settings.engine_path, settings.engine)
     stream = EmbeddedStream(settings.stream_path)
     queue = DeadLetterQueue(settings.dlq_path)
@@ -603,6 +611,9 @@ def main() -> None:
     except ConfigError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except Fatal as exc:  # needs a person; the log above holds the traceback
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ Environment overrides: ``OPTSYNC_DATA_DIR``, ``OPTSYNC_API_LISTEN`` (host:port),
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from optsync.api.sigv4 import parse_credentials
 from optsync.apply.mapping import MappingRule
@@ -68,12 +69,8 @@ class SourceSettings:
 
     @property
     def redacted_url(self) -> str:
-        """The URL with its password replaced, for banners and logs."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return urlunsplit(parts._replace(netloc=netloc))
+        """The URL with its password replaced, for banners, logs and error messages."""
+        return redact_url(self.url)
 
     @property
     def source_name(self) -> str:
@@ -135,10 +132,20 @@ def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return value
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password after ``user:`` and any ``password=`` value replaced by ***.
+
+    Text that is no valid URL is redacted the same way, never quoted whole.
+    """
+    text = re.sub(r"(?i)(password=)[^&;\s]*", r"\1***", url)
+    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", r"\1:***@", text, flags=re.I)
+
+
 def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
     value = table.get(key)
     if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{where}{key} must be a {kind.__name__}, not {value!r}")
+        shown = "a secret" if key == "credentials" else repr(value)
+        raise ConfigError(f"{where}{key} must be a {kind.__name__}, not {shown}")
     return value
 
 
@@ -148,9 +155,15 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     doc: dict[str, Any] = {}
     if path is not None:
         try:
-            doc = tomllib.loads(path.read_text())
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder: give the .toml file") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     data_dir = Path(
@@ -226,7 +239,8 @@ def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | 
         if kind is None:
             raise ConfigError(f"[source] has unknown key {key!r}; known: {', '.join(_SOURCE_KEYS)}")
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ConfigError(f"[source] {key} must be a {kind.__name__}, not {value!r}")
+            shown = f"a {type(value).__name__}" if key == "url" else repr(value)
+            raise ConfigError(f"[source] {key} must be a {kind.__name__}, not {shown}")
     url = env.get("OPTSYNC_SOURCE_URL") or table.get("url")
     if not url:
         return None
@@ -243,9 +257,16 @@ def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | 
     )
     if settings.scheme not in SOURCE_SCHEMES or (settings.scheme == "sqlite" and ":///" not in url):
         raise ConfigError(
-            f"[source] url = {url!r}: use sqlite:///path/app.db, mysql://user:pass@host:3306/db, "
-            "mariadb://..., or postgresql://user:pass@host:5432/db"
+            f"[source] url = {redact_url(url)!r}: use sqlite:///path/app.db, "
+            "mysql://user:pass@host:3306/db, mariadb://..., or postgresql://user:pass@host:5432/db"
         )
+    try:
+        urlsplit(url).port  # noqa: B018 - parses host and port: a bad one raises here
+    except ValueError as exc:
+        raise ConfigError(
+            f"[source] url = {redact_url(url)!r} is not a valid URL ({exc}): check the host and "
+            "port, and percent-encode special characters in the user name and password"
+        ) from None
     return settings
 
 
@@ -276,6 +297,8 @@ def _mappings(doc: Mapping[str, Any], policy: PhonePolicy) -> tuple[MappingRule,
     rules = []
     for i, item in enumerate(raw):
         where = f"[[mapping]] #{i + 1} "
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}must be a table of keys (table, address, opt_in, ...)")
         for key, value in item.items():
             kind = _MAPPING_KEYS.get(key)
             if kind is None:

@@ -163,6 +163,12 @@ class Pipeline:
     def _guard(self, target: Callable[[], None]) -> None:
         try:
             target()
+        except ConfigError as exc:  # names the setting and the fix: no traceback needed
+            logger.error(
+                "pipeline stopped thread=%s reason=%s", threading.current_thread().name, exc
+            )
+            self.failure = exc
+            self._stop.set()
         except BaseException as exc:
             logger.exception("pipeline stopped thread=%s", threading.current_thread().name)
             self.failure = exc
@@ -329,6 +335,8 @@ def _capture_main(settings: Settings, conn: Connection, level: int, *, progress:
 
     try:
         capture(source, stream, stop, lambda: sender.send("log-phase"), report)
+    except ConfigError as exc:  # the parent logs it once, in one line
+        sender.send("failed", _picklable(exc))
     except BaseException as exc:
         logger.exception("capture process stopped")
         sender.send("failed", _picklable(exc))

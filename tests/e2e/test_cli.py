@@ -39,3 +39,24 @@ def test_insecure_no_auth_on_a_public_address_exits_2(tmp_path: Path) -> None:
     assert "0.0.0.0" in error_lines[0]
     assert "Traceback" not in result.stderr
     assert "Uvicorn running" not in result.stdout + result.stderr
+
+
+def test_a_data_folder_without_optsync_data_exits_2(tmp_path: Path) -> None:
+    """Found in review: ``dlq list`` created a mistyped folder and showed an empty table."""
+    missing = tmp_path / "no-such-folder"
+    for command in (["dlq", "list"], ["dlq", "replay"], ["status"]):
+        result = subprocess.run(
+            [*optsync_command(), *command, "--data-dir", str(missing)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+            cwd=tmp_path,
+            check=False,
+        )
+        assert result.returncode == 2, (command, result)
+        assert result.stderr.strip().splitlines() == [
+            f"Error: {missing} holds no optsync data: check --data-dir (or data_dir in the "
+            "config), or start `optsync up` first"
+        ]
+        assert not missing.exists()

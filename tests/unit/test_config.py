@@ -69,3 +69,48 @@ def test_source_url_password_is_redacted_for_banners() -> None:
     assert "s3cret" not in source.redacted_url
     plain = SourceSettings(url="sqlite:///optsync-data/app.db", tables=("t",))
     assert plain.redacted_url == "sqlite:///optsync-data/app.db"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:S3cretPW@[::1]x/db",  # libpq quoted this whole, password included
+        "postgresq://u:S3cretPW@h/db",  # a typo in the scheme
+        "mysql://u:S3cretPW@db:port/app",
+        "postgresql://h/db?password=S3cretPW",
+    ],
+)
+def test_source_url_errors_never_repeat_the_password(tmp_path: Path, url: str) -> None:
+    """Found in review: the error quoted the URL as given, password and all."""
+    path = tmp_path / "optsync.toml"
+    path.write_text(f'[source]\nurl = "{url}"\ntables = ["t"]\n')
+    try:
+        settings = load_settings(path, env={})
+    except ConfigError as exc:
+        assert "S3cretPW" not in str(exc)
+        assert "[source] url" in str(exc)
+    else:  # a URL that parses: its banner form hides the password
+        assert settings.source is not None
+        assert "S3cretPW" not in settings.source.redacted_url
+
+
+def test_credentials_of_the_wrong_type_are_not_echoed(tmp_path: Path) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text('[api]\ncredentials = ["AKID:SuperSecret1"]\n')
+    with pytest.raises(ConfigError, match=r"\[api\] credentials") as info:
+        load_settings(path, env={})
+    assert "SuperSecret1" not in str(info.value)
+
+
+def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
+    """Found in review: these ended in a traceback and exit code 1."""
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_settings(tmp_path, env={})
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes('data_dir = "donn\xe9es"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_settings(latin, env={})
+    listed = tmp_path / "listed.toml"
+    listed.write_text("mapping = [1]\n")
+    with pytest.raises(ConfigError, match=r"\[\[mapping\]\] #1 must be a table"):
+        load_settings(listed, env={})

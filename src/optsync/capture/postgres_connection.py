@@ -91,8 +91,10 @@ def _hint(text: str) -> str | None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    # Never echo a connection string: libpq messages may quote host and user, not passwords.
-    return re.sub(r"password=\S+", "password=***", text.splitlines()[0] if text else repr(exc))
+    line = text.splitlines()[0] if text else repr(exc)
+    # Never echo a password: libpq may quote a whole connection string ("invalid dsn").
+    line = re.sub(r"(?i)password=\S+", "password=***", line)
+    return re.sub(r"(?i)([a-z][a-z0-9+.-]*://[^:\s/@]*):[^@\s]*@", r"\1:***@", line)
 
 
 @contextmanager
@@ -104,6 +106,11 @@ def translated(source: str, action: str) -> Iterator[None]:
         code = exc.pgcode or ""
         message = _first_line(exc)
         where = f"source {source!r}: {action}"
+        if isinstance(exc, psycopg2.ProgrammingError) and "invalid dsn" in str(exc).lower():
+            raise ConfigError(
+                f"{where}: [source] url is not a valid PostgreSQL URL: check the host and port, "
+                "and percent-encode special characters in the user name and password"
+            ) from None
         if code == "42501":
             raise ConfigError(
                 f"{where}: {message}; grant the missing privilege (see docs/postgres.md)"
