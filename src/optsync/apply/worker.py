@@ -195,9 +195,7 @@ class ApplyWorker:
         durable = self.sync_interval <= 0
         try:
             result = self.store.write_endpoints(self.app_id, writes, cause, durable=durable)
-            self.stats.applied += result.applied
-            self.stats.stale += result.stale
-            self.stats.missing += result.missing
+            self._count(result)
             return dead
         except InvalidRequest:
             pass  # find the record(s) the engine refuses; apply the others
@@ -219,9 +217,7 @@ class ApplyWorker:
                         (item.record.offset, item.record.partition_key, item.record.data, reason)
                     )
                 continue
-            self.stats.applied += result.applied
-            self.stats.stale += result.stale
-            self.stats.missing += result.missing
+            self._count(result)
         return dead
 
     def _opt_out_alone(self, item: _Item, cause: Cause, *, durable: bool) -> bool:
@@ -258,10 +254,13 @@ class ApplyWorker:
             result = self.store.write_endpoints(self.app_id, writes, cause, durable=durable)
         except InvalidRequest:
             return None
+        self._count(result)
+        return result
+
+    def _count(self, result: WriteResult) -> None:
         self.stats.applied += result.applied
         self.stats.stale += result.stale
         self.stats.missing += result.missing
-        return result
 
     def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:
         """Run dead letters through mapping and engine again; returns (replayed, failed)."""
