@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench cluster clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,8 @@ run: $(VENV)/.installed
 	$(BIN)/optsync up
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff format --check src tests bench
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench examples
+	$(BIN)/ruff check src tests bench examples
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict src
@@ -30,6 +30,11 @@ typecheck: $(VENV)/.installed-dev
 test: lint typecheck
 	bash scripts/ensure-test-tools.sh
 	$(BIN)/python -m pytest
+
+# The scale-out walkthrough: private nats-server, PostgreSQL and MariaDB; capture, 2 apply, 2 serve.
+cluster: $(VENV)/.installed-dev
+	bash scripts/ensure-test-tools.sh
+	$(BIN)/python examples/cluster/run.py
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/engine.py

@@ -1,6 +1,6 @@
 """MySQL/MariaDB capture: decode ceiling, capture -> applied throughput, snapshot, latency.
 
-A private MariaDB (``tests/integration/mariadb_server.py``: free port, temporary data folder,
+A private MariaDB (``tests/servers/mariadb_server.py``: free port, temporary data folder,
 ``sync_binlog=1``, ``innodb_flush_log_at_trx_commit=1``) is the source; the pipeline is what
 ``optsync run`` runs: ``optsync.pipeline.Pipeline`` with a ``mariadb://`` source (capture in a
 child process, which reads the binlog in a process of its own and appends each batch with its
@@ -72,10 +72,10 @@ import pymysql.cursors
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "servers"))
 from mariadb_server import MariaDBServer
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.capture.mysql import MySQLSource
@@ -313,7 +313,7 @@ def apply_process(folder: str, stop: Any, results: Any) -> None:
     tune_gc()
     stream = EmbeddedStream(Path(folder) / "stream.db")
     store = SQLiteStore(Path(folder) / "engine.db")
-    dlq = DeadLetterQueue(Path(folder) / "dlq.db")
+    dlq = SQLiteDeadLetterQueue(Path(folder) / "dlq.db")
     app = store.find_app("optin-demo")
     assert app is not None
     seen = Seen(track=True)
@@ -372,7 +372,7 @@ class Pipeline(Applying):
         self.split = split
         self.stream = EmbeddedStream(folder / "stream.db")
         self.store = SQLiteStore(folder / "engine.db")
-        self.dlq = DeadLetterQueue(folder / "dlq.db")
+        self.dlq = SQLiteDeadLetterQueue(folder / "dlq.db")
         app = self.store.find_app("optin-demo") or self.store.create_app("optin-demo")
         self.store.put_channel(app.id, ChannelType.SMS, True, {})
         self.app_id = app.id
@@ -581,7 +581,7 @@ def apply_alone(folder: Path) -> float:
     """Records/s ``ApplyWorker`` drains from ``stream-alone.db`` into a fresh engine."""
     stream = EmbeddedStream(folder / "stream-alone.db")
     store = SQLiteStore(folder / "engine-alone.db")
-    dlq = DeadLetterQueue(folder / "dlq-alone.db")
+    dlq = SQLiteDeadLetterQueue(folder / "dlq-alone.db")
     app = store.create_app("alone")
     worker = ApplyWorker(stream, Mapper([RULE]), store, app.id, dlq)
     total = 0

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import optsync
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
 from optsync.capture.sample import SAMPLE_DDL, SAMPLE_TABLE
@@ -608,7 +608,7 @@ def apply_alone(folder: Path, stream_path: Path, total: int, budget: float) -> t
     settings = pipeline_settings(folder / "apply")
     store, app_id = open_engine(settings)
     stream = EmbeddedStream(stream_path)
-    dlq = DeadLetterQueue(settings.dlq_path)
+    dlq = SQLiteDeadLetterQueue(settings.dlq_path)
     worker = ApplyWorker(
         stream, Mapper(settings.mappings), store, app_id, dlq, sync_interval=SYNC_SECONDS
     )
@@ -726,7 +726,7 @@ def stage_costs(root: Path, total: int) -> dict[str, float]:
 
         timed("stream append (encode included)", append)
         timed("stream read + ack", read)
-        dlq = DeadLetterQueue(folder / f"dlq{n}.db")
+        dlq = SQLiteDeadLetterQueue(folder / f"dlq{n}.db")
         store: Any = NoEngine()
         worker = ApplyWorker(stream, Mapper((SAMPLE_RULE,)), store, "bench", dlq)
 

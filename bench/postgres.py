@@ -1,6 +1,6 @@
 """PostgreSQL capture: pgoutput read rate, capture -> applied rate, snapshot rate, latency.
 
-Runs a private PostgreSQL (``tests/integration/postgres_server.py``: ``initdb`` + ``pg_ctl``,
+Runs a private PostgreSQL (``tests/servers/postgres_server.py``: ``initdb`` + ``pg_ctl``,
 ``wal_level=logical``, ``fsync=on``, ``synchronous_commit=on``) and the real pipeline pieces
 ``PostgresSource`` -> ``EmbeddedStream`` (WAL, ``synchronous=FULL``) -> ``ApplyWorker`` ->
 ``SQLiteStore``: for figures 2 and 3 as capture and apply threads of this process; for the
@@ -46,11 +46,11 @@ from typing import Any
 import psycopg2
 import psycopg2.extras
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "servers"))
 
 from postgres_server import PostgresServer, running_server
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.capture import postgres_pgoutput as pgoutput
@@ -146,7 +146,7 @@ class Pipe:
         self.source = source
         self.stream = EmbeddedStream(folder / "stream.db")
         self.store = SQLiteStore(folder / "engine.db")
-        self.dlq = DeadLetterQueue(folder / "dlq.db")
+        self.dlq = SQLiteDeadLetterQueue(folder / "dlq.db")
         self.app = self.store.find_app("bench") or self.store.create_app("bench")
         self.applied = 0
         self.on_event: Callable[[Sequence[ChangeEvent]], None] | None = None
@@ -337,7 +337,7 @@ def hop_baselines(folder: Path, records: Sequence[StreamRecord]) -> tuple[float,
     folder.mkdir(parents=True, exist_ok=True)
     stream = EmbeddedStream(folder / "stream.db")
     store = SQLiteStore(folder / "engine.db")
-    dlq = DeadLetterQueue(folder / "dlq.db")
+    dlq = SQLiteDeadLetterQueue(folder / "dlq.db")
     try:
         started = time.perf_counter()
         for i in range(0, len(events), 1000):

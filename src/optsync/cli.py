@@ -27,9 +27,9 @@ from starlette.types import ASGIApp
 
 from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
-from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
 from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
 from optsync.config import (
     LOOPBACK_HOSTS,
@@ -42,16 +42,14 @@ from optsync.config import (
 from optsync.console import console_context, create_console
 from optsync.engine.models import ChannelType
 from optsync.engine.segments import definition_from_wire
-from optsync.engine.sqlite import SQLiteStore
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError, Fatal
 from optsync.logs import configure_logging
-from optsync.pipeline import Pipeline, ensure_app, open_source
+from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.runtime import tune_gc
 from optsync.status import read_status, to_prometheus
 from optsync.stream.base import Checkpoint
-from optsync.stream.embedded import EmbeddedStream
 
 __all__ = ("main",)
 
@@ -114,9 +112,17 @@ def _serve(
     if pipeline is not None:
 
         def metrics() -> str:
-            return to_prometheus(read_status(settings, store))
+            return to_prometheus(read_status(settings, store, pipeline.stream, pipeline.dlq))
 
-    console_app = create_console(console_context(settings, store, pipeline=pipeline is not None))
+    console_app = create_console(
+        console_context(
+            settings,
+            store,
+            pipeline=pipeline is not None,
+            stream=None if pipeline is None else pipeline.stream,
+            dlq=None if pipeline is None else pipeline.dlq,
+        )
+    )
     mounts = {"/console": console_app}
     if prefs is not None:
         mounts["/prefs"] = prefs
@@ -160,7 +166,7 @@ def _snapshot_progress() -> Iterator[Progress]:
 
 def _run_pipeline(
     settings: Settings,
-    store: EndpointStore,
+    store: EndpointStore | None,
     verifier: SignatureVerifier | None,
     banner: list[str],
     prefs: ASGIApp | None = None,
@@ -184,6 +190,7 @@ def _run_pipeline(
         for line in banner:
             click.echo(line)
         if settings.serve_api:
+            assert store is not None
             _serve(settings, store, verifier, pipeline, prefs)
         else:
             while pipeline.failure is None:
@@ -248,7 +255,10 @@ def serve(
     data_dir: Path | None,
     insecure_no_auth: bool,
 ) -> None:
-    """Serve the engine through Pinpoint's REST API (boto3 works with endpoint_url)."""
+    """Serve the engine through Pinpoint's REST API (boto3 works with endpoint_url).
+
+    Needs only the engine ([engine] url): run several behind one address for availability.
+    """
     base = load_settings(config_path)
     settings = dataclasses.replace(
         base,
@@ -257,10 +267,11 @@ def serve(
             host=host or base.api.host,
             port=port or base.api.port,
             credentials=base.api.credentials,
+            console_secret=base.api.console_secret,
         ),
     )
     verifier = _verifier(settings, insecure_no_auth)
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = open_store(settings)
     click.echo(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
     click.echo(f"Console on http://{settings.api.host}:{settings.api.port}/console")
     try:
@@ -285,7 +296,7 @@ def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
     settings = _sample_settings(data_dir, host, port, load_settings(None))
     app_db = data_dir / "app.db"
     created = create_sample_database(app_db)
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = open_store(settings)
     try:
         _prepare_sample(store, settings)
         verifier = _verifier(settings, insecure_no_auth=False)
@@ -323,7 +334,7 @@ def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
     if prefs and not settings.serve_api:
         raise ConfigError(f"{config_path}: --prefs needs an [api] table: the page is served there")
     prefs_app = create_prefcenter(prefs_context(settings)) if prefs else None
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = open_store(settings)
     try:
         ensure_app(store, settings.app)
         verifier = _verifier(settings, insecure_no_auth) if settings.serve_api else None
@@ -353,10 +364,15 @@ def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
 def capture(
     config_path: Path, resnapshot: bool, drop_slot: bool, start_position: str | None
 ) -> None:
-    """Run only the capture stage (scale-out: apply runs in other processes)."""
+    """Run only the capture stage: the source into the stream (never opens the engine).
+
+    Needs [source] and [stream]; `optsync apply` processes read what it captures.
+    """
     settings = load_settings(config_path)
     if settings.source is None:
-        raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
+        raise ConfigError(
+            f"{config_path}: [source] url is missing: the capture stage reads that database"
+        )
     source = open_source(settings)
     if drop_slot:
         drop = getattr(source, "drop_slot", None)
@@ -373,7 +389,7 @@ def capture(
             raise ConfigError(
                 f"--start-position is not available for {settings.source.scheme} sources"
             )
-        stream = EmbeddedStream(settings.stream_path)
+        stream = open_stream(settings)
         try:
             stream.append([], Checkpoint(source.name, state_at(start_position)))
         finally:
@@ -383,52 +399,56 @@ def capture(
         fresh = getattr(source, "resnapshot_state", None)
         if fresh is None:
             raise ConfigError(f"--resnapshot is not available for {settings.source.scheme} sources")
-        stream = EmbeddedStream(settings.stream_path)
+        stream = open_stream(settings)
         try:
             stream.append([], Checkpoint(source.name, fresh()))
         finally:
             stream.close()
         click.echo(f"{source.name}: the next start takes a new snapshot")
     source.close()
-    store = SQLiteStore(settings.engine_path, settings.engine)
-    try:
-        _run_pipeline(
-            dataclasses.replace(settings, serve_api=False),
-            store,
-            None,
-            [f"Capturing {settings.source.redacted_url} into {settings.stream_path}"],
-            stages=("capture",),
-        )
-    finally:
-        store.close()
+    _run_pipeline(
+        dataclasses.replace(settings, serve_api=False),
+        None,
+        None,
+        [f"Capturing {settings.source.redacted_url} into {_stream_text(settings)}"],
+        stages=("capture",),
+    )
+
+
+def _stream_text(settings: Settings) -> str:
+    if settings.stream.scheme == "embedded":
+        return str(settings.stream_path)
+    return f"{settings.stream.redacted_url} (stream {settings.stream.name})"
 
 
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
 def apply(config_path: Path) -> None:
-    """Run only the apply stage, reading the stream another process captures into."""
+    """Run only the apply stage: the stream into the engine (never opens the source).
+
+    Needs [stream], [engine] and [[mapping]]. Start several against one NATS stream: they share
+    its partitions, and take over those of one that stops.
+    """
     settings = load_settings(config_path)
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    if not settings.mappings:
+        raise ConfigError(
+            f"{config_path}: no [[mapping]] section: the apply stage needs the rules that turn "
+            "rows into endpoints"
+        )
+    store = open_store(settings)
     try:
         _run_pipeline(
             dataclasses.replace(settings, serve_api=False),
             store,
             None,
-            [f"Applying {settings.stream_path} into app {settings.app!r}"],
+            [
+                f"Applying {_stream_text(settings)} into app {settings.app!r} of "
+                f"{settings.redacted_engine_url}"
+            ],
             stages=("apply",),
         )
     finally:
         store.close()
-
-
-def _existing_data(settings: Settings) -> Settings:
-    """``settings`` if its data folder holds optsync's files; else a ConfigError naming it."""
-    if not settings.data_dir.is_dir() or not settings.engine_path.exists():
-        raise ConfigError(
-            f"{settings.data_dir} holds no optsync data: check --data-dir (or data_dir in the "
-            "config), or start `optsync up` first"
-        )
-    return settings
 
 
 def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
@@ -444,8 +464,8 @@ def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
 def status(config_path: Path | None, data_dir: Path | None) -> None:
     """Positions, lag per stage, DLQ size and segment estimates."""
-    settings = _existing_data(_settings_for(config_path, data_dir))
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    settings = require_data(_settings_for(config_path, data_dir))
+    store = open_store(settings)
     try:
         report = read_status(settings, store)
     finally:
@@ -488,8 +508,8 @@ def dlq() -> None:
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed entries.")
 def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: bool) -> None:
     """List dead letters (id, stream offset, reason)."""
-    settings = _existing_data(_settings_for(config_path, data_dir))
-    queue = DeadLetterQueue(settings.dlq_path)
+    settings = require_data(_settings_for(config_path, data_dir))
+    queue = open_dlq(settings)
     try:
         entries = queue.list(include_replayed=include_replayed, limit=1000)
     finally:
@@ -514,10 +534,10 @@ def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: 
 @click.argument("ids", nargs=-1, type=int)
 def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, ...]) -> None:
     """Run dead letters (all, or the given ids) through mapping and engine again."""
-    settings = _existing_data(_settings_for(config_path, data_dir))
-    store = SQLiteStore(settings.engine_path, settings.engine)
-    stream = EmbeddedStream(settings.stream_path)
-    queue = DeadLetterQueue(settings.dlq_path)
+    settings = require_data(_settings_for(config_path, data_dir))
+    store = open_store(settings)
+    stream = open_stream(settings)
+    queue = open_dlq(settings)
     try:
         app = ensure_app(store, settings.app)
         worker = ApplyWorker(stream, Mapper(settings.mappings), store, app.id, queue)
@@ -540,7 +560,7 @@ def demo(keep: bool) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="optsync-demo-"))
     settings = _sample_settings(workdir, "127.0.0.1", 0, load_settings(None, env={}))
     create_sample_database(workdir / "app.db")
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = open_store(settings)
     _prepare_sample(store, settings)
     app = ensure_app(store, settings.app)
     segment = next(

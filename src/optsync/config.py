@@ -1,8 +1,15 @@
 """Settings: a TOML file plus ``OPTSYNC_*`` environment overrides, validated once at start.
 
 Every error names the key and the fix; the CLI prints it in one line and exits with code 2.
+A key or section that no version of optsync knows is refused the same way (a misspelt key would
+otherwise fall back to a default without a word).
+
 Environment overrides: ``OPTSYNC_DATA_DIR``, ``OPTSYNC_API_LISTEN`` (host:port),
-``OPTSYNC_API_CREDENTIALS`` (KEYID:SECRET[,KEYID:SECRET]).
+``OPTSYNC_API_CREDENTIALS`` (KEYID:SECRET[,KEYID:SECRET]), ``OPTSYNC_CONSOLE_SECRET``,
+``OPTSYNC_SOURCE_URL``, ``OPTSYNC_STREAM_URL``, ``OPTSYNC_ENGINE_URL``.
+
+Which backends the URLs select is decided in ``optsync.backends`` (the composition root); this
+module only checks that each URL has a known scheme.
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class ApiSettings:
     """TCP port to listen on."""
     credentials: Mapping[str, str] = field(default_factory=dict)
     """Access key id -> secret; requests must be SigV4-signed with one of them."""
+    console_secret: str | None = None
+    """Signs console sessions; set it alike on every API server behind one address, so a
+    session works against any of them [default: DATA_DIR/console-secret, made once]."""
 
 
 @dataclass(frozen=True)
@@ -82,13 +92,37 @@ class SourceSettings:
     def sqlite_path(self) -> Path:
         if self.scheme != "sqlite":
             raise ConfigError(f"[source] url {self.url!r} is not a sqlite:/// URL")
-        return Path(self.url.split(":///", 1)[1])
+        return _sqlite_path(self.url, "[source] url")
+
+
+def _sqlite_path(url: str, key: str) -> Path:
+    if ":///" not in url:
+        raise ConfigError(
+            f"{key} = {url!r}: write sqlite:///relative/path.db or sqlite:////absolute/path.db"
+        )
+    return Path(url.split(":///", 1)[1])
+
+
+STREAM_SCHEMES = ("embedded", "nats")
+ENGINE_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
 @dataclass(frozen=True)
 class StreamSettings:
     url: str = "embedded"
-    """``embedded`` (DATA_DIR/stream.db)."""
+    """``embedded`` (DATA_DIR/stream.db) or ``nats://HOST:PORT`` (NATS JetStream)."""
+    name: str = "optsync"
+    """NATS: the JetStream stream's name (its subjects are NAME.p.N)."""
+    partitions: int | None = None
+    """How many partitions records are spread over [default: 8 on NATS, 1 embedded]."""
+
+    @property
+    def scheme(self) -> str:
+        return "embedded" if self.url == "embedded" else self.url.split(":", 1)[0].lower()
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
 
 
 @dataclass(frozen=True)
@@ -97,6 +131,10 @@ class Settings:
     """Folder for the embedded engine, stream, DLQ and generated credentials."""
     api: ApiSettings = field(default_factory=ApiSettings)
     engine: StoreSettings = field(default_factory=StoreSettings)
+    engine_url: str | None = None
+    """``sqlite:///PATH`` or ``postgresql://USER:PASSWORD@HOST:PORT/DB`` [default: sqlite in
+    DATA_DIR/engine.db]. The dead-letter queue lives in the same database when it is
+    PostgreSQL, else in DATA_DIR/dlq.db."""
     app: str = "optin-demo"
     """The engine app the mapping writes into; created if missing."""
     source: SourceSettings | None = None
@@ -107,7 +145,22 @@ class Settings:
 
     @property
     def engine_path(self) -> Path:
+        """The SQLite engine file (``engine_url`` when it is a sqlite:/// URL)."""
+        if self.engine_url is not None and self.engine_url.lower().startswith("sqlite:"):
+            return _sqlite_path(self.engine_url, "[engine] url")
         return self.data_dir / "engine.db"
+
+    @property
+    def engine_scheme(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        if self.engine_url is None:
+            return "sqlite"
+        scheme = self.engine_url.split(":", 1)[0].lower()
+        return "postgresql" if scheme == "postgres" else scheme
+
+    @property
+    def redacted_engine_url(self) -> str:
+        return redact_url(self.engine_url) if self.engine_url else f"sqlite:///{self.engine_path}"
 
     @property
     def stream_path(self) -> Path:
@@ -166,10 +219,12 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    _refuse_unknown(doc, _TOP_KEYS, "")
     data_dir = Path(
         env.get("OPTSYNC_DATA_DIR") or _typed(doc, "data_dir", str, "") or "optsync-data"
     )
     api = _section(doc, "api")
+    _refuse_unknown(api, _API_KEYS, "[api] ")
     host, port = parse_listen(
         env.get("OPTSYNC_API_LISTEN") or _typed(api, "listen", str, "[api] ") or "127.0.0.1:8080",
         "OPTSYNC_API_LISTEN" if env.get("OPTSYNC_API_LISTEN") else "[api] listen",
@@ -179,7 +234,16 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         credentials = parse_credentials(env["OPTSYNC_API_CREDENTIALS"])
     elif _typed(api, "credentials", str, "[api] "):
         credentials = parse_credentials(api["credentials"], source="[api] credentials")
+    console_secret = env.get("OPTSYNC_CONSOLE_SECRET") or _typed(
+        api, "console_secret", str, "[api] "
+    )
+    if console_secret is not None and len(console_secret) < 16:
+        raise ConfigError(
+            "[api] console_secret (or OPTSYNC_CONSOLE_SECRET) is too short: use at least 16 "
+            "random characters, e.g. from `openssl rand -hex 32`"
+        )
     engine = _section(doc, "engine")
+    _refuse_unknown(engine, _ENGINE_KEYS, "[engine] ")
     policy_text = _typed(engine, "phone_policy", str, "[engine] ") or PhonePolicy.POSSIBLE.value
     try:
         policy = PhonePolicy(policy_text)
@@ -188,17 +252,10 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             f"[engine] phone_policy = {policy_text!r}: use 'possible' or 'valid'"
         ) from None
     derive = _typed(engine, "derive_country", bool, "[engine] ")
-    store = _typed(engine, "store", str, "[engine] ") or "sqlite"
-    if store != "sqlite":
-        raise ConfigError(f"[engine] store = {store!r}: this version has the 'sqlite' store only")
+    engine_url = _engine_url(engine, env)
     app = _typed(engine, "app", str, "[engine] ") or "optin-demo"
     source = _source(doc, env)
-    stream = _section(doc, "stream")
-    stream_url = (
-        env.get("OPTSYNC_STREAM_URL") or _typed(stream, "url", str, "[stream] ") or "embedded"
-    )
-    if stream_url != "embedded":
-        raise ConfigError(f"[stream] url = {stream_url!r}: this version has 'embedded' only")
+    stream = _stream(doc, env)
     mappings = _mappings(doc, policy)
     if source is not None:
         for rule in mappings:
@@ -209,16 +266,110 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                 )
     return Settings(
         data_dir=data_dir,
-        api=ApiSettings(host=host, port=port, credentials=credentials),
+        api=ApiSettings(
+            host=host, port=port, credentials=credentials, console_secret=console_secret
+        ),
         engine=StoreSettings(
             country=CountryDerivation(enabled=True if derive is None else derive, policy=policy)
         ),
+        engine_url=engine_url,
         app=app,
         source=source,
-        stream=StreamSettings(url=stream_url),
+        stream=stream,
         mappings=mappings,
         serve_api="api" in doc,
     )
+
+
+_TOP_KEYS = ("data_dir", "source", "stream", "engine", "api", "mapping")
+_API_KEYS = ("listen", "credentials", "console_secret")
+_ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country")
+_STREAM_KEYS = ("url", "name", "partitions")
+
+
+def _refuse_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in known:
+            what = "section" if isinstance(table[key], dict | list) and not where else "key"
+            raise ConfigError(
+                f"{where or 'the config file '}has unknown {what} {key!r}: fix the spelling or "
+                "remove it; "
+                f"known: {', '.join(known)}"
+            )
+
+
+def _engine_url(engine: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
+    store = _typed(engine, "store", str, "[engine] ")
+    url = env.get("OPTSYNC_ENGINE_URL") or _typed(engine, "url", str, "[engine] ")
+    if store is not None and store not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"[engine] store = {store!r}: use 'sqlite' (DATA_DIR/engine.db) or set "
+            '[engine] url = "postgresql://USER:PASSWORD@HOST:PORT/DB"'
+        )
+    if url is None:
+        if store == "postgresql":
+            raise ConfigError(
+                '[engine] store = "postgresql" needs [engine] url = '
+                '"postgresql://USER:PASSWORD@HOST:PORT/DB" (or OPTSYNC_ENGINE_URL)'
+            )
+        return None
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme not in ENGINE_SCHEMES:
+        raise ConfigError(
+            f"[engine] url = {redact_url(url)!r}: use sqlite:///DATA_DIR/engine.db or "
+            "postgresql://USER:PASSWORD@HOST:PORT/DB"
+        )
+    if scheme == "sqlite":
+        _sqlite_path(url, "[engine] url")
+    else:
+        _check_host_port(url, "[engine] url")
+    if store is not None and (store == "sqlite") != (scheme == "sqlite"):
+        raise ConfigError(
+            f"[engine] store = {store!r} does not match [engine] url {redact_url(url)!r}: "
+            "remove store (the url decides)"
+        )
+    return url
+
+
+def _stream(doc: Mapping[str, Any], env: Mapping[str, str]) -> StreamSettings:
+    table = _section(doc, "stream")
+    _refuse_unknown(table, _STREAM_KEYS, "[stream] ")
+    url = env.get("OPTSYNC_STREAM_URL") or _typed(table, "url", str, "[stream] ") or "embedded"
+    name = _typed(table, "name", str, "[stream] ") or "optsync"
+    partitions = table.get("partitions")
+    if partitions is not None and (
+        not isinstance(partitions, int)
+        or isinstance(partitions, bool)
+        or not 1 <= partitions <= 1024
+    ):
+        raise ConfigError(
+            f"[stream] partitions = {partitions!r}: use a whole number from 1 to 1024"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ConfigError(
+            f"[stream] name = {name!r}: use letters, digits, - and _ (a JetStream stream name)"
+        )
+    settings = StreamSettings(url=url, name=name, partitions=partitions)
+    if settings.scheme not in STREAM_SCHEMES or (
+        settings.scheme == "nats" and not url.lower().startswith("nats://")
+    ):
+        raise ConfigError(
+            f'[stream] url = {redact_url(url)!r}: use "embedded" (DATA_DIR/stream.db) or '
+            "nats://HOST:PORT (NATS JetStream)"
+        )
+    if settings.scheme == "nats":
+        _check_host_port(url, "[stream] url")
+    return settings
+
+
+def _check_host_port(url: str, key: str) -> None:
+    try:
+        urlsplit(url).port  # noqa: B018 - parses host and port: a bad one raises here
+    except ValueError as exc:
+        raise ConfigError(
+            f"{key} = {redact_url(url)!r} is not a valid URL ({exc}): check the host and "
+            "port, and percent-encode special characters in the user name and password"
+        ) from None
 
 
 _SOURCE_KEYS = {
@@ -260,13 +411,7 @@ def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | 
             f"[source] url = {redact_url(url)!r}: use sqlite:///path/app.db, "
             "mysql://user:pass@host:3306/db, mariadb://..., or postgresql://user:pass@host:5432/db"
         )
-    try:
-        urlsplit(url).port  # noqa: B018 - parses host and port: a bad one raises here
-    except ValueError as exc:
-        raise ConfigError(
-            f"[source] url = {redact_url(url)!r} is not a valid URL ({exc}): check the host and "
-            "port, and percent-encode special characters in the user name and password"
-        ) from None
+    _check_host_port(url, "[source] url")
     return settings
 
 

@@ -53,3 +53,6 @@ def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # psycopg's pool logs every failed reconnect attempt as a WARNING (several a second during
+    # an outage); optsync's own retry loop logs one line per outage instead (``Backoff``).
+    logging.getLogger("psycopg").setLevel(logging.ERROR)

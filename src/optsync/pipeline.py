@@ -1,8 +1,12 @@
-"""capture -> stream -> apply in one command (``optsync up`` / ``run``).
+"""capture -> stream -> apply, together (``optsync up`` / ``run``) or one stage per process
+(``optsync capture``, ``optsync apply``).
 
-Capture appends each batch to the stream together with the source checkpoint, and only then
-acknowledges the source; apply writes the engine, then the DLQ, then acknowledges the stream.
-A failure that retrying cannot fix stops the pipeline and is re-raised by ``check``.
+Each stage opens only what it needs, through ``optsync.backends``: capture a source and the
+stream, apply the stream, the engine store and the DLQ. Capture appends each batch to the
+stream with the source checkpoint, and only then acknowledges the source; apply writes the
+engine, then the DLQ, then acknowledges the stream. A failure a retry may fix (``Retryable``: a
+server down, a lock) is retried with backoff, logged once per outage; one that retrying cannot
+fix stops the pipeline and is re-raised by ``check``.
 
 When one ``Pipeline`` runs both stages, capture runs in a child process (``spawn``) and apply
 in a thread of this one, so the two do not take turns on one GIL: apply (decode, mapping, the
@@ -26,18 +30,20 @@ import logging.handlers
 import multiprocessing
 import os
 import pickle
+import random
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper
-from optsync.apply.worker import ApplyWorker
+from optsync.apply.partitioned import PartitionedApply
+from optsync.backends import open_dlq, open_source, open_stream
 from optsync.capture.base import ChangeSource, Progress
-from optsync.capture.sqlite import SQLiteSource
 from optsync.config import Settings
 from optsync.engine.models import App
 from optsync.engine.store import EndpointStore
@@ -45,83 +51,94 @@ from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent
 from optsync.runtime import IdleCollector, tune_gc
 from optsync.stream.base import ChangeStream, Checkpoint
-from optsync.stream.embedded import EmbeddedStream
 
-__all__ = ("Pipeline", "ensure_app", "open_source")
+__all__ = ("Pipeline", "ensure_app")
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
 RETRY_SECONDS = 0.5
+"""The first wait after a failure a retry may fix; it doubles up to ``RETRY_MAX_SECONDS``."""
+RETRY_MAX_SECONDS = 30.0
 SYNC_SECONDS = 0.05
 """How often apply makes the engine durable and acknowledges the stream (``ApplyWorker``)."""
 CHILD_STOP_SECONDS = 10.0
 """How long a capture process may take to stop (finish its batch) before it is terminated."""
 
 
-def open_source(settings: Settings) -> ChangeSource:
-    """The capture for ``[source] url`` (a database driver is loaded only when configured)."""
-    source = settings.source
-    if source is None:
-        raise ConfigError("[source] url is missing: say which database to capture")
-    name = source.source_name
-    if source.scheme == "sqlite":
-        return SQLiteSource(source.sqlite_path, source.tables, name=name)
-    if source.scheme in ("mysql", "mariadb"):
-        from optsync.capture.mysql import MySQLSource  # noqa: PLC0415
-
-        return MySQLSource(source.url, source.tables, name=name, server_id=source.server_id)
-    from optsync.capture.postgres import PostgresSource  # noqa: PLC0415
-
-    return PostgresSource(
-        source.url, source.tables, name=name, slot=source.slot, publication=source.publication
-    )
-
-
 def ensure_app(store: EndpointStore, name: str) -> App:
-    """The engine app the mapping writes into, created if missing."""
-    return store.find_app(name) or store.create_app(name)
+    """The engine app the mapping writes into, created if missing.
+
+    Several processes may start at once on one store (apply workers, API servers): each that
+    finds no app creates one, then all of them use the oldest app of that name, and a process
+    whose own app lost that race deletes it (still empty), so they never write into two apps.
+    """
+    found = store.find_app(name)
+    if found is not None:
+        return found
+    created = store.create_app(name)
+    oldest = store.find_app(name) or created
+    if oldest.id != created.id:
+        store.delete_app(created.id)
+    return oldest
 
 
 class Pipeline:
-    """The capture and apply stages over an embedded stream.
+    """The capture and apply stages, or one of them, over the configured stream.
 
-    ``capture_process``: run capture in a child process (default: when both stages run here);
-    False keeps it in a thread of this process.
+    ``store``: the engine (needed by apply only). ``capture_process``: run capture in a child
+    process (default: when both stages run here); False keeps it in a thread of this process.
     """
 
     def __init__(
         self,
         settings: Settings,
-        store: EndpointStore,
+        store: EndpointStore | None,
         *,
         progress: Progress | None = None,
         on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
         stages: Sequence[str] = ("capture", "apply"),
         capture_process: bool | None = None,
     ) -> None:
-        if "apply" in stages and not settings.mappings:
-            raise ConfigError("no [[mapping]] rule: say how rows become endpoints")
         self.stages = tuple(stages)
+        if "apply" in self.stages:
+            if not settings.mappings:
+                raise ConfigError("no [[mapping]] rule: say how rows become endpoints")
+            if store is None:
+                raise ValueError("the apply stage needs an engine store")
+        if "capture" in self.stages and settings.source is None:
+            raise ConfigError("[source] url is missing: say which database to capture")
         self.settings = settings
+        self.source_name = settings.source.source_name if settings.source else None
+        """The name capture keeps its checkpoint under (None: no source configured)."""
         self.store = store
         self.progress = progress
         self.capture_process = (
             {"capture", "apply"} <= set(self.stages) if capture_process is None else capture_process
         )
-        self.app = ensure_app(store, settings.app)
-        self.stream: ChangeStream = EmbeddedStream(settings.stream_path)
-        self.dlq = DeadLetterQueue(settings.dlq_path)
-        self.source = open_source(settings)
-        self.worker = ApplyWorker(
-            self.stream,
-            Mapper(settings.mappings),
-            store,
-            self.app.id,
-            self.dlq,
-            on_applied=on_applied,
-            sync_interval=SYNC_SECONDS,
-        )
+        self.stream: ChangeStream = open_stream(settings)
+        self.source: ChangeSource | None = None
+        self.dlq: DeadLetterQueue | None = None
+        self.worker: PartitionedApply | None = None
+        try:
+            if "capture" in self.stages and not self.capture_process:
+                self.source = open_source(settings)
+            if "apply" in self.stages:
+                assert store is not None
+                self.dlq = open_dlq(settings)
+                self.app: App = ensure_app(store, settings.app)
+                self.worker = PartitionedApply(
+                    self.stream,
+                    Mapper(settings.mappings),
+                    store,
+                    self.app.id,
+                    self.dlq,
+                    on_applied=on_applied,
+                    sync_interval=SYNC_SECONDS,
+                )
+        except BaseException:
+            self._close()
+            raise
         self.failure: BaseException | None = None
         self.snapshot_done = threading.Event()
         self.capture_pid: int | None = None
@@ -147,9 +164,14 @@ class Pipeline:
             thread.join(
                 max(timeout, CHILD_STOP_SECONDS + 1) if thread.name == "capture" else timeout
             )
-        self.source.close()
+        self._close()
+
+    def _close(self) -> None:
+        if self.source is not None:
+            self.source.close()
         self.stream.close()
-        self.dlq.close()
+        if self.dlq is not None:
+            self.dlq.close()
 
     @property
     def running(self) -> bool:
@@ -175,6 +197,7 @@ class Pipeline:
             self._stop.set()
 
     def _capture(self) -> None:
+        assert self.source is not None
         capture(self.source, self.stream, self._stop, self.snapshot_done.set, self.progress)
 
     def _capture_child(self) -> None:
@@ -228,18 +251,48 @@ class Pipeline:
                 raise payload[0]
 
     def _apply(self) -> None:
+        worker = self.worker
+        assert worker is not None
         collector = IdleCollector()
+        backoff = Backoff("apply")
         while not self._stop.is_set():
             try:
-                if self.worker.step(BATCH_SIZE, wait=0.1) == 0:
-                    collector.idle()
-            except (Retryable, sqlite3.OperationalError) as exc:  # locked or busy: try again
-                logger.warning("apply retry reason=%s", exc)
-                self._stop.wait(RETRY_SECONDS)
+                handled = worker.step(BATCH_SIZE, wait=0.1)
+            except (Retryable, sqlite3.OperationalError) as exc:  # down, locked or busy
+                self._stop.wait(backoff.failed(exc))
+                continue
+            backoff.succeeded()
+            if handled == 0:
+                collector.idle()
         try:
-            self.worker.flush()
+            worker.stop()
         except (Retryable, sqlite3.OperationalError) as exc:  # redelivered at the next start
             logger.warning("apply final acknowledgement failed reason=%s", exc)
+
+
+class Backoff:
+    """Waits between retries: ``RETRY_SECONDS`` doubling to ``RETRY_MAX_SECONDS``, with jitter;
+    one WARNING when an outage starts, then at most one every 30 s, and an INFO when it ends."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.failures = 0
+        self._logged_at = 0.0
+
+    def failed(self, exc: BaseException) -> float:
+        """Note a failure; returns how long to wait before the next attempt."""
+        self.failures += 1
+        now = time.monotonic()
+        if self.failures == 1 or now - self._logged_at >= RETRY_MAX_SECONDS:
+            self._logged_at = now
+            logger.warning("%s retry attempt=%d reason=%s", self.stage, self.failures, exc)
+        delay = min(RETRY_SECONDS * 2 ** (self.failures - 1), RETRY_MAX_SECONDS)
+        return float(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not secrecy
+
+    def succeeded(self) -> None:
+        if self.failures:
+            logger.info("%s recovered after attempts=%d", self.stage, self.failures)
+            self.failures = 0
 
 
 def capture(
@@ -253,13 +306,13 @@ def capture(
 
     ``on_log_phase`` is called when the snapshot is done (at every batch from then on).
     """
+    backoff = Backoff("capture")
     while not stop.is_set():
         try:
-            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress)
-        except Retryable as exc:  # busy or locked: start again from the saved checkpoint
-            logger.warning("capture retry reason=%s", exc)
+            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress, backoff)
+        except Retryable as exc:  # down, busy or locked: start again from the saved checkpoint
             source.close()
-            stop.wait(RETRY_SECONDS)
+            stop.wait(backoff.failed(exc))
             continue
         if not stop.is_set():  # a source reads until it is closed: never end quietly
             raise Fatal(
@@ -275,6 +328,7 @@ def _capture_from_checkpoint(
     stop: threading.Event,
     on_log_phase: Callable[[], None],
     progress: Progress | None,
+    backoff: Backoff,
 ) -> None:
     saved = stream.checkpoint(source.name)
     last = saved.state if saved else None
@@ -287,6 +341,7 @@ def _capture_from_checkpoint(
             stream.append(batch.events, Checkpoint(source.name, batch.state))
             source.acknowledge(batch.state)
             last = batch.state
+            backoff.succeeded()
         if not in_log and json.loads(batch.state).get("phase") == "log":
             in_log = True
             on_log_phase()
@@ -326,7 +381,7 @@ def _capture_main(settings: Settings, conn: Connection, level: int, *, progress:
     stop = threading.Event()
     threading.Thread(target=_watch_parent, args=(conn, stop), name="watch", daemon=True).start()
     source = open_source(settings)
-    stream = EmbeddedStream(settings.stream_path)
+    stream = open_stream(settings)
     report: Progress | None = None
     if progress:
 

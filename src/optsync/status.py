@@ -1,4 +1,6 @@
-"""Where each stage is and how far behind: read from the data folder, so any process can ask."""
+"""Where each stage is and how far behind: read from the stream, DLQ and engine, so any process
+can ask (``optsync status`` opens them through ``optsync.backends``; a running pipeline passes
+its own)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import time
 from dataclasses import dataclass
 
 from optsync.apply.dlq import DeadLetterQueue
+from optsync.backends import open_dlq, open_stream
 from optsync.config import Settings
 from optsync.engine.store import EndpointStore
-from optsync.stream.embedded import EmbeddedStream
+from optsync.stream.base import ChangeStream
 
 __all__ = ("SegmentCount", "Status", "read_status", "to_prometheus")
 
@@ -29,7 +32,9 @@ class Status:
     """The source checkpoint saved with the stream (phase, positions)."""
     stream_head: int
     apply_offset: int
+    """The lowest offset apply has acknowledged over the partitions."""
     lag_events: int
+    """Records apply has not acknowledged, over every partition."""
     lag_seconds: float
     """Age of the oldest record apply has not acknowledged (0 when caught up)."""
     dlq_size: int
@@ -37,17 +42,35 @@ class Status:
     segments: tuple[SegmentCount, ...]
 
 
-def read_status(settings: Settings, store: EndpointStore) -> Status:
-    stream = EmbeddedStream(settings.stream_path)
-    dlq = DeadLetterQueue(settings.dlq_path)
+def read_status(
+    settings: Settings,
+    store: EndpointStore,
+    stream: ChangeStream | None = None,
+    dlq: DeadLetterQueue | None = None,
+) -> Status:
+    """The status; opens (and closes) the stream and DLQ when not given."""
+    own_stream = stream is None
+    own_dlq = dlq is None
+    stream = open_stream(settings) if stream is None else stream
+    try:
+        dlq = open_dlq(settings) if dlq is None else dlq
+    except BaseException:
+        if own_stream:
+            stream.close()
+        raise
     try:
         stats = stream.stats()
         offset = stats.consumers.get(APPLY_CONSUMER, 0)
+        lag_events = stats.pending.get(APPLY_CONSUMER, max(0, stats.head - offset))
         lag_seconds = 0.0
-        if stats.head > offset:
-            pending = stream.read(APPLY_CONSUMER, 1, 0.0)
-            if pending:
-                lag_seconds = max(0.0, time.time() - pending[0].appended_at)
+        if lag_events:
+            oldest = [
+                records[0].appended_at
+                for p in range(stream.partitions)
+                if (records := stream.read(APPLY_CONSUMER, 1, 0.0, partition=p))
+            ]
+            if oldest:
+                lag_seconds = max(0.0, time.time() - min(oldest))
         checkpoint = None
         if settings.source is not None:
             saved = stream.checkpoint(settings.source.source_name)
@@ -66,15 +89,17 @@ def read_status(settings: Settings, store: EndpointStore) -> Status:
             capture_state=checkpoint,
             stream_head=stats.head,
             apply_offset=offset,
-            lag_events=stats.head - offset,
+            lag_events=lag_events,
             lag_seconds=lag_seconds,
             dlq_size=dlq.count(),
             endpoints=endpoints,
             segments=tuple(segments),
         )
     finally:
-        stream.close()
-        dlq.close()
+        if own_stream:
+            stream.close()
+        if own_dlq:
+            dlq.close()
 
 
 def to_prometheus(status: Status) -> str:

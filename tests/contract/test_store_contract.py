@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from optsync.engine.models import (
     WriteResult,
 )
 from optsync.engine.segments import SegmentDefinition, definition_from_wire
-from optsync.engine.sql import StoreSettings
+from optsync.engine.sql import SqlStore, StoreSettings
 from optsync.engine.store import EndpointStore, Segment
 from optsync.errors import InvalidRequest, LimitExceeded, NotFound
 
@@ -1406,3 +1408,189 @@ def test_find_endpoints_by_exact_address(store: EndpointStore, app_id: str) -> N
     assert store.find_endpoints(app_id, "+19999999999") == []
     with pytest.raises(NotFound):
         store.find_endpoints("no-such-app", "+12065550100")
+
+
+# ordering: bytes, as SQLite compares text -----------------------------------------------------
+
+# Byte order of these strings: "-" (0x2D) < "1" (0x31) < "B" (0x42) < "_" (0x5F) < "a" (0x61).
+# A locale collation orders them otherwise: ICU en-US puts "_" before "-" and "a" before "B";
+# glibc's en_US ignores the punctuation at first. Positions, ids and every ORDER BY of the
+# engine compare by bytes on every backend.
+
+
+def test_positions_compare_by_bytes(store: EndpointStore, app_id: str) -> None:
+    assert write(store, app_id, sms("e1", position="p-a"), cause=source("p-a")).applied == 1
+    # "p-B" < "p-a" in bytes (en-US: after it): an older position, so a stale write.
+    older = write(store, app_id, sms("e1", opt_out=OptOut.ALL, position="p-B"))
+    assert older == WriteResult(stale=1)
+    # "p_a" > "p-a" in bytes (en-US: before it): a newer position, applied.
+    newer = write(store, app_id, sms("e1", opt_out=OptOut.ALL, position="p_a"))
+    assert newer == WriteResult(applied=1)
+    assert store.get_endpoint(app_id, "e1").source_position == "p_a"
+    # The tombstone of a delete compares the same way.
+    assert write(store, app_id, EndpointDelete("e1", "q-a")) == WriteResult(applied=1)
+    assert write(store, app_id, sms("e1", position="q-B")) == WriteResult(stale=1)
+    assert write(store, app_id, sms("e1", position="q_1")) == WriteResult(applied=1)
+
+
+def test_endpoints_are_listed_in_byte_order_of_their_ids(store: EndpointStore, app_id: str) -> None:
+    ids = ["a_1", "a1", "a-1", "aB", "a_B", "a-b"]
+    write(store, app_id, *(sms(i, user_id="u1") for i in ids))
+    by_bytes = sorted(i.casefold() for i in ids)
+    assert by_bytes == ["a-1", "a-b", "a1", "a_1", "a_b", "ab"]
+    assert [e.id.casefold() for e in store.find_endpoints(app_id, US_NUMBER)] == by_bytes
+    # One batch: one creation date, so the user's endpoints come in id order.
+    assert [e.id.casefold() for e in store.get_user_endpoints(app_id, "u1")] == by_bytes
+
+
+# a batch leaves what one write at a time leaves -----------------------------------------------
+
+# ``WriteBatch`` works a transaction out in memory from the rows read up front; random workloads
+# sent once as batches and once one write per call pin that it reads every row the rules can
+# reach: same-address deactivation, the per-user cap with push rollover, UserAttributes kept
+# equal across a user, positions and tombstones, deletes and re-creates within one batch. The
+# side rows (attribute rows with their rollup copies, metrics) and the rollup are checked
+# against the endpoints they come from.
+
+ROLLUP = (
+    "SELECT country_code, channel_type, status, opt_out, n FROM endpoint_counts "
+    "WHERE app_id = ? AND n <> 0 ORDER BY 1, 2, 3, 4"
+)
+CHANNELS = [ChannelType.SMS, ChannelType.EMAIL, ChannelType.GCM, ChannelType.APNS]
+ADDRESSES = {
+    ChannelType.SMS: ["+12065550100", "+12065550101", "+447400123456"],
+    ChannelType.EMAIL: ["a@example.com", "b@example.com"],
+    ChannelType.GCM: ["tok1", "tok2", "tok3"],
+    ChannelType.APNS: ["tok1", "tok4"],
+}
+
+
+def rows(store: EndpointStore, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Rows of a statement (``?`` placeholders) on a SQL store's tables."""
+    assert isinstance(store, SqlStore), "the table checks apply to SQL stores"
+    with store._read() as cur:
+        return [tuple(r) for r in store._exec(cur, sql, params).fetchall()]
+
+
+def _user(rng: random.Random, eid: str, channel: ChannelType) -> str | None:
+    """Push endpoints crowd into user0 (the rollover at 15 is exercised); the others spread
+    over users of at most 7 ids each, so no write is refused for the cap."""
+    if channel in (ChannelType.GCM, ChannelType.APNS):
+        return rng.choice(["user0", "user0", None])
+    return f"user{1 + int(eid[2:]) % 6}"
+
+
+def _workload(seed: int, positioned: bool) -> list[list[EndpointPatch | EndpointDelete]]:
+    rng = random.Random(seed)
+    batches: list[list[EndpointPatch | EndpointDelete]] = []
+    position = 0
+    for _ in range(25):
+        batch: list[EndpointPatch | EndpointDelete] = []
+        for _ in range(rng.randint(1, 30)):
+            eid = f"EP{rng.randint(0, 40)}" if rng.random() < 0.5 else f"ep{rng.randint(0, 40)}"
+            position += rng.choice([1, 1, 1, -3]) if positioned else 0
+            where = f"{position:08d}" if positioned and position > 0 else None
+            if rng.random() < 0.15:
+                batch.append(EndpointDelete(eid, position=where))
+                continue
+            channel = rng.choice(CHANNELS)
+            batch.append(
+                EndpointPatch(
+                    id=eid,
+                    channel_type=channel,
+                    address=rng.choice([*ADDRESSES[channel], None]),
+                    opt_out=rng.choice([OptOut.ALL, OptOut.NONE, None]),
+                    endpoint_status=rng.choice([EndpointStatus.INACTIVE, None, None, None]),
+                    user_id=_user(rng, eid, channel),
+                    user_attributes=rng.choice(
+                        [None, {"tier": (rng.choice(["x", "y"]),)}, {"n": ("1", "2", "1")}]
+                    ),
+                    attributes=rng.choice([None, {"plan": (rng.choice(["gold", "free"]),)}]),
+                    metrics=rng.choice([None, {"score": float(rng.randint(0, 5))}]),
+                    position=where,
+                )
+            )
+        batches.append(batch)
+    return batches
+
+
+def _state(store: EndpointStore, app_id: str) -> dict[str, Any]:
+    endpoints = {
+        row[0]: row[1:]
+        for row in rows(
+            store,
+            "SELECT id_key, channel_type, address, opt_out, status, user_id, country_code, "
+            "attributes, user_attributes, metrics, source_position FROM endpoints "
+            "WHERE app_id = ?",
+            app_id,
+        )
+    }
+    history = rows(
+        store,
+        "SELECT endpoint_key, opt_out_before, opt_out_after, address, cause_kind, cause_ref "
+        "FROM consent_history WHERE app_id = ? ORDER BY seq",
+        app_id,
+    )
+    tombstones = rows(
+        store, "SELECT id_key, position FROM tombstones WHERE app_id = ? ORDER BY id_key", app_id
+    )
+    rollup = rows(store, ROLLUP, app_id)
+    return {"endpoints": endpoints, "history": history, "tombs": tombstones, "rollup": rollup}
+
+
+def _check_side_rows(store: EndpointStore, app_id: str) -> None:
+    expected = set()
+    metrics = set()
+    for pk, attributes, user_attributes, metric_text, *rollup in rows(
+        store,
+        "SELECT pk, attributes, user_attributes, metrics, COALESCE(country_code, ''), "
+        "channel_type, status, opt_out FROM endpoints WHERE app_id = ?",
+        app_id,
+    ):
+        for kind, text in (("A", attributes), ("U", user_attributes)):
+            for name, values in json.loads(text).items():
+                expected |= {(pk, kind, name, v, *rollup) for v in values}
+        metrics |= {(pk, n, v) for n, v in json.loads(metric_text).items()}
+    found = rows(
+        store,
+        "SELECT endpoint_pk, kind, name, value, country_code, channel_type, status, opt_out "
+        "FROM endpoint_attributes WHERE app_id = ?",
+        app_id,
+    )
+    assert sorted(found) == sorted(expected)
+    found_metrics = rows(
+        store, "SELECT endpoint_pk, name, value FROM endpoint_metrics WHERE app_id = ?", app_id
+    )
+    assert sorted(found_metrics) == sorted(metrics)
+    grouped = rows(
+        store,
+        "SELECT COALESCE(country_code, ''), channel_type, status, opt_out, COUNT(*) "
+        "FROM endpoints WHERE app_id = ? GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
+        app_id,
+    )
+    assert rows(store, ROLLUP, app_id) == grouped
+
+
+@pytest.mark.parametrize("positioned", [False, True])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_batched_writes_equal_one_at_a_time(
+    make_store: StoreFactory, seed: int, positioned: bool
+) -> None:
+    batched, single = make_store(StoreSettings()), make_store(StoreSettings())
+    app_b, app_s = batched.create_app("b").id, single.create_app("s").id
+    kind = CauseKind.SOURCE if positioned else CauseKind.API
+    cause = Cause(kind, "request")
+    applied = 0
+    for batch in _workload(seed, positioned):
+        result = batched.write_endpoints(app_b, batch, cause)
+        for one in batch:
+            applied += single.write_endpoints(app_s, [one], cause).applied
+        assert result.applied <= len(batch)
+    assert applied > 0
+    state_b, state_s = _state(batched, app_b), _state(single, app_s)
+    assert state_b["endpoints"], "the workload left no endpoint: it tests nothing"
+    assert state_b == state_s
+    # Same-address deactivation (and the push rollover at the user cap) happened.
+    assert any(v[3] == "INACTIVE" for v in state_b["endpoints"].values())
+    _check_side_rows(batched, app_b)
+    _check_side_rows(single, app_s)

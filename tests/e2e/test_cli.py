@@ -56,7 +56,7 @@ def test_a_data_folder_without_optsync_data_exits_2(tmp_path: Path) -> None:
         )
         assert result.returncode == 2, (command, result)
         assert result.stderr.strip().splitlines() == [
-            f"Error: {missing} holds no optsync data: check --data-dir (or data_dir in the "
-            "config), or start `optsync up` first"
+            f"Error: {missing} holds no optsync data: check --data-dir (or data_dir / [engine] "
+            "url in the config), or start `optsync up` first"
         ]
         assert not missing.exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.capture.base import CaptureBatch, ChangeSource
@@ -31,7 +31,7 @@ class Pieces:
         self.folder = folder
         self.stream = EmbeddedStream(folder / "stream.db")
         self.store = SQLiteStore(folder / "engine.db")
-        self.dlq = DeadLetterQueue(folder / "dlq.db")
+        self.dlq = SQLiteDeadLetterQueue(folder / "dlq.db")
         app = self.store.find_app(APP) or self.store.create_app(APP)
         self.app_id = app.id
         self.store.put_channel(app.id, ChannelType.SMS, True, {})

@@ -2,7 +2,7 @@
 
 ``Pieces`` opens what ``optsync run`` uses, in one folder: ``EmbeddedStream(stream.db)``,
 ``SQLiteStore(engine.db)`` with the sample's app (SMS on, a Country=US segment),
-``DeadLetterQueue(dlq.db)`` and an ``ApplyWorker`` with the AWS sample's mapping rule.
+``SQLiteDeadLetterQueue(dlq.db)`` and an ``ApplyWorker`` with the AWS sample's mapping rule.
 ``capture_step`` does what the pipeline's capture thread does with one batch: append it with
 its checkpoint, then acknowledge the source.
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import OPT_IN_TRUE, Mapper, MappingError, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
@@ -124,7 +124,7 @@ def issued(source_path: Path) -> int:
 def is_drained(pipeline: Pipeline, source_path: Path) -> bool:
     """Capture has read every committed change and apply has acknowledged every record."""
     last = issued(source_path)
-    saved = pipeline.stream.checkpoint(pipeline.source.name)
+    saved = pipeline.stream.checkpoint(pipeline.source_name or "")
     if saved is None:
         return False
     state = json.loads(saved.state)
@@ -324,7 +324,7 @@ def test_poison_row_goes_to_the_dlq_and_replays_after_a_mapping_fix(
     fixed = dataclasses.replace(RULE, opt_in_true=OPT_IN_TRUE | {"7"})
     store = SQLiteStore(settings.engine_path, settings.engine)
     stream = EmbeddedStream(settings.stream_path)
-    dlq = DeadLetterQueue(settings.dlq_path)
+    dlq = SQLiteDeadLetterQueue(settings.dlq_path)
     try:
         found = store.find_app(settings.app)
         assert found is not None

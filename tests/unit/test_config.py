@@ -114,3 +114,77 @@ def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
     listed.write_text("mapping = [1]\n")
     with pytest.raises(ConfigError, match=r"\[\[mapping\]\] #1 must be a table"):
         load_settings(listed, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[engin]\nurl = "sqlite:///x.db"\n', "unknown section 'engin'"),
+        ('data_dri = "d"\n', "unknown key 'data_dri'"),
+        ('[[sinks]]\nname = "x"\n', "unknown section 'sinks'"),
+        ('[engine]\nstorre = "sqlite"\n', "[engine] has unknown key 'storre'"),
+        ('[api]\nlisten_on = "127.0.0.1:1"\n', "[api] has unknown key 'listen_on'"),
+        ("[stream]\npartition = 4\n", "[stream] has unknown key 'partition'"),
+    ],
+)
+def test_unknown_keys_and_sections_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert fragment in str(info.value)
+    assert "fix the spelling" in str(info.value)
+
+
+def test_engine_and_stream_urls_select_backends(tmp_path: Path) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(
+        '[engine]\nurl = "postgresql://optsync:pw@db:5432/engine"\n'
+        '[stream]\nurl = "nats://nats:4222"\nname = "consent"\npartitions = 16\n'
+        '[api]\nconsole_secret = "0123456789abcdef0123"\n'
+    )
+    settings = load_settings(path, env={})
+    assert settings.engine_scheme == "postgresql"
+    assert settings.redacted_engine_url == "postgresql://optsync:***@db:5432/engine"
+    assert settings.stream.scheme == "nats"
+    assert (settings.stream.name, settings.stream.partitions) == ("consent", 16)
+    assert settings.api.console_secret == "0123456789abcdef0123"
+    defaults = load_settings(None, env={})
+    assert defaults.engine_scheme == "sqlite"
+    assert defaults.engine_path == Path("optsync-data/engine.db")
+    assert defaults.stream.scheme == "embedded"
+    assert defaults.stream.partitions is None
+    sqlite_url = load_settings(None, env={"OPTSYNC_ENGINE_URL": "sqlite:///elsewhere/e.db"})
+    assert sqlite_url.engine_path == Path("elsewhere/e.db")
+    from_env = load_settings(
+        None, env={"OPTSYNC_STREAM_URL": "nats://127.0.0.1:1", "OPTSYNC_CONSOLE_SECRET": "x" * 20}
+    )
+    assert from_env.stream.scheme == "nats"
+    assert from_env.api.console_secret == "x" * 20
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[engine]\nurl = "oracle://u:S3cretPW@h/db"\n', "[engine] url"),
+        ('[engine]\nurl = "postgresql://u:S3cretPW@h:port/db"\n', "[engine] url"),
+        ('[engine]\nstore = "postgresql"\n', "needs [engine] url"),
+        (
+            '[engine]\nstore = "sqlite"\nurl = "postgresql://u:S3cretPW@h/db"\n',
+            "does not match",
+        ),
+        ('[stream]\nurl = "kafka://h:9092"\n', "[stream] url"),
+        ('[stream]\nurl = "nats://h:port"\n', "[stream] url"),
+        ("[stream]\npartitions = 0\n", "[stream] partitions"),
+        ("[stream]\npartitions = true\n", "[stream] partitions"),
+        ('[stream]\nname = "a.b"\n', "[stream] name"),
+        ('[api]\nconsole_secret = "short"\n', "console_secret"),
+    ],
+)
+def test_backend_url_errors_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert fragment in str(info.value)
+    assert "S3cretPW" not in str(info.value)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
 from optsync.cli import SAMPLE_RULE
@@ -41,9 +41,9 @@ class RecordingStream(MemoryStream):
         super().__init__()
         self.calls = calls
 
-    def ack(self, consumer: str, offset: int) -> None:
+    def ack(self, consumer: str, offset: int, *, partition: int = 0) -> None:
         self.calls.append(f"ack {offset}")
-        super().ack(consumer, offset)
+        super().ack(consumer, offset, partition=partition)
 
 
 def insert(n: int, optin: int = 1) -> ChangeEvent:
@@ -69,7 +69,7 @@ def parts(
 ) -> Iterator[tuple[RecordingStream, RecordingStore, DeadLetterQueue]]:
     stream = RecordingStream(calls)
     store = RecordingStore(tmp_path / "engine.db", calls)
-    dlq = DeadLetterQueue(":memory:")
+    dlq = SQLiteDeadLetterQueue(":memory:")
     yield stream, store, dlq
     stream.close()
     store.close()

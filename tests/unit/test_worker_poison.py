@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from optsync.apply.dlq import DeadLetterQueue
+from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapped, Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.cli import SAMPLE_RULE
@@ -62,7 +62,7 @@ def parts(tmp_path: Path) -> Iterator[tuple[MemoryStream, SQLiteStore, DeadLette
     stream, store, dlq = (
         MemoryStream(),
         SQLiteStore(tmp_path / "engine.db"),
-        DeadLetterQueue(":memory:"),
+        SQLiteDeadLetterQueue(":memory:"),
     )
     yield stream, store, dlq
     stream.close()

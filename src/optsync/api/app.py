@@ -27,7 +27,7 @@ from optsync.api.errors import ApiError, error_reply, from_engine_error
 from optsync.api.routing import Call, Handler, Reply, Router, parse_query
 from optsync.api.sigv4 import SignatureError, SignatureVerifier
 from optsync.engine.store import EndpointStore
-from optsync.errors import InvalidRequest, NotFound
+from optsync.errors import InvalidRequest, NotFound, Retryable
 
 __all__ = ("MAX_PAYLOAD_BYTES", "PinpointApi")
 
@@ -117,6 +117,11 @@ class PinpointApi:
             response = _json_reply(reply.status, reply.payload, request_id)
         except ApiError as exc:
             response = error_reply(exc, request_id)
+        except Retryable as exc:  # the engine's database is down or failing over: retry
+            logger.warning(
+                "request failed request_id=%s route=%s retryable=%s", request_id, template, exc
+            )
+            response = error_reply(ApiError.unavailable(request_id), request_id)
         except Exception:
             logger.exception("request failed request_id=%s route=%s", request_id, template)
             response = error_reply(ApiError.internal(request_id), request_id)

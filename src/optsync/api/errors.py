@@ -41,6 +41,16 @@ class ApiError(Exception):
         return cls(413, "PayloadTooLargeException", message)
 
     @classmethod
+    def unavailable(cls, request_id: str) -> ApiError:
+        """The engine cannot answer now (its database is down or failing over); a 5xx that
+        boto3 retries on its own."""
+        return cls(
+            503,
+            "InternalServerErrorException",
+            f"The engine's database is unavailable; retry shortly (request {request_id})",
+        )
+
+    @classmethod
     def internal(cls, request_id: str) -> ApiError:
         return cls(
             500,

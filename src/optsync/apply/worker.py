@@ -77,7 +77,10 @@ class _Partial(_Item):
 
 
 class ApplyWorker:
-    """Consumes one stream consumer's records into one engine app."""
+    """Consumes one partition of a stream consumer's records into one engine app.
+
+    ``stats``: counters to add to (several workers of one process share one ``ApplyStats``).
+    """
 
     def __init__(
         self,
@@ -89,6 +92,9 @@ class ApplyWorker:
         consumer: str = "apply",
         on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
         sync_interval: float = 0.0,
+        *,
+        partition: int = 0,
+        stats: ApplyStats | None = None,
     ) -> None:
         if sync_interval < 0:
             raise ValueError("sync_interval must not be negative")
@@ -100,7 +106,8 @@ class ApplyWorker:
         self.consumer = consumer
         self.on_applied = on_applied
         self.sync_interval = sync_interval
-        self.stats = ApplyStats()
+        self.partition = partition
+        self.stats = ApplyStats() if stats is None else stats
         self._handled: int | None = None
         """The last offset applied; None: read on from the acknowledged one."""
         self._unacked: int | None = None
@@ -109,7 +116,9 @@ class ApplyWorker:
 
     def step(self, limit: int = 1000, wait: float = 0.2) -> int:
         """Handle up to ``limit`` records; returns how many (0 when the wait ran out)."""
-        records = self.stream.read(self.consumer, limit, wait, after=self._handled)
+        records = self.stream.read(
+            self.consumer, limit, wait, partition=self.partition, after=self._handled
+        )
         if not records:
             self.flush()  # nothing new: make what was applied durable and acknowledge it
             return 0
@@ -126,7 +135,7 @@ class ApplyWorker:
         if self.sync_interval > 0:
             self._handled = self._unacked = records[-1].offset
         else:
-            self.stream.ack(self.consumer, records[-1].offset)
+            self.stream.ack(self.consumer, records[-1].offset, partition=self.partition)
         self.stats.records += len(records)
         self.stats.dead += len(dead)
         if dead:
@@ -151,7 +160,7 @@ class ApplyWorker:
         if self._unacked is None:
             return
         self.store.sync()
-        self.stream.ack(self.consumer, self._unacked)
+        self.stream.ack(self.consumer, self._unacked, partition=self.partition)
         self._unacked = None
         self._synced_at = time.monotonic()
 

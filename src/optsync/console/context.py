@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from optsync.apply.dlq import DeadLetter, DeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import open_dlq, open_stream
 from optsync.config import Settings, load_or_create_credentials
 from optsync.console.auth import load_or_create_secret
 from optsync.engine.store import EndpointStore
 from optsync.pipeline import ensure_app
 from optsync.status import Status, read_status
-from optsync.stream.embedded import EmbeddedStream
+from optsync.stream.base import ChangeStream
 
 __all__ = ("ConsoleContext", "DeadLetterSource", "ReplayDeadLetters", "console_context")
 
@@ -52,10 +53,19 @@ class ConsoleContext:
         return self.status is not None
 
 
-def console_context(settings: Settings, store: EndpointStore, *, pipeline: bool) -> ConsoleContext:
+def console_context(
+    settings: Settings,
+    store: EndpointStore,
+    *,
+    pipeline: bool,
+    stream: ChangeStream | None = None,
+    dlq: DeadLetterQueue | None = None,
+) -> ConsoleContext:
     """The console of an ``optsync serve`` (``pipeline=False``) or ``up``/``run`` process.
 
     Operators sign in with the API's key pairs: the configured ones, else ``DATA_DIR/credentials``.
+    ``stream`` and ``dlq``: the running pipeline's own (else each page opens them anew).
+    Sessions are signed with ``[api] console_secret`` when set, so they hold across API servers.
     """
     credentials = dict(settings.api.credentials)
     if not credentials:
@@ -63,17 +73,19 @@ def console_context(settings: Settings, store: EndpointStore, *, pipeline: bool)
     context = ConsoleContext(
         store=store,
         credentials=credentials,
-        secret=load_or_create_secret(settings.data_dir),
+        secret=settings.api.console_secret or load_or_create_secret(settings.data_dir),
         default_app=settings.app,
     )
     if not pipeline:
         return context
 
     def status() -> Status:
-        return read_status(settings, store)
+        return read_status(settings, store, stream, dlq)
 
     def dead_letters(limit: int) -> Sequence[DeadLetter]:
-        queue = DeadLetterQueue(settings.dlq_path)
+        if dlq is not None:
+            return dlq.list(limit=limit)
+        queue = open_dlq(settings)
         try:
             return queue.list(limit=limit)
         finally:
@@ -82,14 +94,16 @@ def console_context(settings: Settings, store: EndpointStore, *, pipeline: bool)
     def replay(ids: Sequence[int] | None) -> tuple[int, int]:
         # As `optsync dlq replay` does: the position guard makes this safe beside the running
         # apply thread.
-        stream = EmbeddedStream(settings.stream_path)
-        queue = DeadLetterQueue(settings.dlq_path)
+        own_stream = open_stream(settings) if stream is None else stream
+        queue = open_dlq(settings) if dlq is None else dlq
         try:
             app = ensure_app(store, settings.app)
-            worker = ApplyWorker(stream, Mapper(settings.mappings), store, app.id, queue)
+            worker = ApplyWorker(own_stream, Mapper(settings.mappings), store, app.id, queue)
             return worker.replay_dead_letters(ids)
         finally:
-            queue.close()
-            stream.close()
+            if dlq is None:
+                queue.close()
+            if stream is None:
+                own_stream.close()
 
     return dataclasses.replace(context, status=status, dead_letters=dead_letters, replay=replay)

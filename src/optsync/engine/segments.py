@@ -447,6 +447,9 @@ class Dialect:
     """The few SQL spellings that differ between stores."""
 
     contains: str = "instr({column}, ?) > 0"
+    """A case-sensitive substring test of ``column`` against one parameter."""
+    greatest: str = "max"
+    """The scalar maximum of its arguments (SQLite's two-argument ``max``, SQL's GREATEST)."""
 
 
 SourceResolver = Callable[[str, int | None], SegmentDefinition]

@@ -2,7 +2,10 @@
 
 Subclasses supply a connection (``_write``/``_read`` context managers yielding a DB-API cursor)
 and a ``Dialect``; statements are written once, with ``?`` placeholders, and subclasses whose
-driver wants another paramstyle rewrite them in ``_sql``.
+driver wants another paramstyle rewrite them in ``_sql``. A database with several writers at once
+(PostgreSQL) also overrides ``_lock_apps`` (every write that touches an app takes it first),
+``_APP_SEQ``, ``_next_pk``/``_number_new_rows`` (primary keys) and ``_translate_error``; and may
+spell value lists (``_chunks``/``_in``) and bulk inserts (``_insert``) its own faster way.
 
 This file holds apps, channels and endpoints (the batched write path and group commit);
 segments and estimates are in ``sql_segments.py`` (``SqlSegments``, which ``SqlStore``
@@ -41,21 +44,23 @@ from optsync.engine.models import (
 )
 from optsync.engine.segments import Dialect
 from optsync.engine.sql_rows import (
+    _ATTRIBUTE_COLUMNS,
     _COLUMN_NAMES,
     _ENDPOINT_COLUMNS,
-    _INSERT_ATTRIBUTE,
-    _INSERT_ENDPOINT,
+    _ENDPOINT_INSERT_COLUMNS,
+    _HISTORY_COLUMNS,
     _attribute_rows,
     _chunks,
     _dumps,
     _endpoint_values,
+    _insert_statement,
     _offset,
     _row_to_endpoint,
     _side_of,
 )
 from optsync.engine.sql_segments import SqlSegments
 from optsync.engine.store import EndpointStore
-from optsync.engine.writes import WriteBatch, peers_to_read
+from optsync.engine.writes import Row, WriteBatch, peers_to_read
 from optsync.errors import NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
@@ -125,6 +130,31 @@ class SqlStore(SqlSegments, EndpointStore):
     def _sql(self, sql: str) -> str:
         return sql
 
+    def _chunks(self, values: Sequence[Any]) -> list[Sequence[Any]]:
+        """``values`` cut into the lists one ``_in`` test takes (SQLite: 500 parameters)."""
+        return _chunks(values)
+
+    def _in(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """The SQL test that ``column`` is one of ``values``, with its parameters."""
+        return f"{column} IN ({', '.join('?' for _ in values)})", list(values)
+
+    def _insert(
+        self, cur: Cursor, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """INSERT ``rows`` into ``table`` (a store may have a faster bulk path)."""
+        cur.executemany(self._sql(_insert_statement(table, tuple(columns))), rows)
+
+    def _lock_apps(self, cur: Cursor, app_ids: Sequence[str]) -> None:
+        """Hook: keep other writers off these apps until the transaction ends.
+
+        Called first in every write transaction that reads and then writes an app's rows.
+        SQLite needs nothing here: ``BEGIN IMMEDIATE`` already admits one writer at a time.
+        """
+
+    def _translate_error(self, exc: Exception) -> Exception:
+        """Hook: the optsync error for a driver error raised inside one request."""
+        return exc
+
     def _exec(self, cur: Cursor, sql: str, params: Sequence[Any] = ()) -> Cursor:
         cur.execute(self._sql(sql), params)
         return cur
@@ -143,6 +173,9 @@ class SqlStore(SqlSegments, EndpointStore):
             tags=json.loads(row[3]),
         )
 
+    _APP_SEQ = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM apps)"
+    """The next creation-order number of ``apps`` (one writer at a time: the largest plus one)."""
+
     def create_app(self, name: str, tags: Mapping[str, str] | None = None) -> App:
         app = App(
             id=uuid.uuid4().hex,
@@ -154,8 +187,8 @@ class SqlStore(SqlSegments, EndpointStore):
         with self._write() as cur:
             self._exec(
                 cur,
-                "INSERT INTO apps (id, name, creation_date, tags, seq) VALUES (?, ?, ?, ?, "
-                "(SELECT COALESCE(MAX(seq), 0) + 1 FROM apps))",
+                f"INSERT INTO apps (id, name, creation_date, tags, seq) VALUES (?, ?, ?, ?, "
+                f"{self._APP_SEQ})",
                 (app.id, app.name, app.creation_date, _dumps(dict(app.tags))),
             )
         return App(app.id, app.name, self._app_arn(app.id), app.creation_date, app.tags)
@@ -198,6 +231,7 @@ class SqlStore(SqlSegments, EndpointStore):
 
     def delete_app(self, app_id: str) -> App:
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             app = self._get_app(cur, app_id)
             for table in (
                 "endpoint_attributes",
@@ -240,6 +274,7 @@ class SqlStore(SqlSegments, EndpointStore):
     ) -> Channel:
         now = iso_now()
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             row = self._exec(
                 cur,
@@ -279,20 +314,23 @@ class SqlStore(SqlSegments, EndpointStore):
             )
         return channel
 
-    def get_channel(self, app_id: str, channel_type: ChannelType) -> Channel:
-        with self._read() as cur:
-            self._get_app(cur, app_id)
-            row = self._exec(
-                cur,
-                f"{self._CHANNEL_SELECT} WHERE app_id = ? AND channel_type = ?",
-                (app_id, channel_type.value),
-            ).fetchone()
+    def _get_channel(self, cur: Cursor, app_id: str, channel_type: ChannelType) -> Channel:
+        self._get_app(cur, app_id)
+        row = self._exec(
+            cur,
+            f"{self._CHANNEL_SELECT} WHERE app_id = ? AND channel_type = ?",
+            (app_id, channel_type.value),
+        ).fetchone()
         if row is None:
             raise NotFound(
                 f"Resource not found: app {app_id!r} has no {channel_type.value} channel; "
                 "create it with the Update...Channel operation"
             )
         return self._row_to_channel(row)
+
+    def get_channel(self, app_id: str, channel_type: ChannelType) -> Channel:
+        with self._read() as cur:
+            return self._get_channel(cur, app_id, channel_type)
 
     def list_channels(self, app_id: str) -> list[Channel]:
         with self._read() as cur:
@@ -303,8 +341,9 @@ class SqlStore(SqlSegments, EndpointStore):
         return [self._row_to_channel(r) for r in rows]
 
     def delete_channel(self, app_id: str, channel_type: ChannelType) -> Channel:
-        channel = self.get_channel(app_id, channel_type)
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
+            channel = self._get_channel(cur, app_id, channel_type)
             self._exec(
                 cur, "DELETE FROM channels WHERE app_id = ? AND channel_type = ?",
                 (app_id, channel_type.value),
@@ -335,21 +374,30 @@ class SqlStore(SqlSegments, EndpointStore):
         """
         held = held or {}
         found: list[tuple[int, Endpoint]] = []
-        for chunk in _chunks(sorted(values)):
-            marks = ", ".join("?" for _ in chunk)
+        for chunk in self._chunks(sorted(values)):
+            test, params = self._in(column, chunk)
             rows = self._exec(
                 cur,
-                f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND "
-                f"{column} IN ({marks}){extra}",
-                (app_id, *chunk),
+                f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints WHERE app_id = ? AND {test}{extra}",
+                (app_id, *params),
             ).fetchall()
             found.extend((int(r[0]), _row_to_endpoint(r[1:])) for r in rows if r[3] not in held)
         return found
 
     def _next_pk(self, cur: Cursor) -> int:
-        """The first primary key free for new endpoints (the write transaction holds the lock)."""
+        """The first primary key free for new endpoints (the write transaction holds the lock).
+
+        The batch numbers its new endpoints from here, in the order it creates them; a store
+        whose keys come from elsewhere renumbers them in ``_number_new_rows``.
+        """
         row = self._exec(cur, "SELECT COALESCE(MAX(pk), 0) + 1 FROM endpoints").fetchone()
         return int(row[0])
+
+    def _number_new_rows(self, cur: Cursor, changed: Sequence[Row]) -> None:
+        """Hook: give the new rows among ``changed`` their final primary keys, in pk order.
+
+        SQLite keeps the numbers ``_next_pk`` started: one writer at a time, so they are free.
+        """
 
     def _begin_batch(
         self, cur: Cursor, app_id: str, writes: Sequence[EndpointPatch | EndpointDelete]
@@ -383,12 +431,12 @@ class SqlStore(SqlSegments, EndpointStore):
         if users:
             batch.load(self._select_in(cur, app_id, "user_id", users, "", batch.rows))
         positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
-        for chunk in _chunks(positioned):
-            marks = ", ".join("?" for _ in chunk)
+        for chunk in self._chunks(positioned):
+            test, params = self._in("id_key", chunk)
             for key, position in self._exec(
                 cur,
-                f"SELECT id_key, position FROM tombstones WHERE app_id = ? AND id_key IN ({marks})",
-                (app_id, *chunk),
+                f"SELECT id_key, position FROM tombstones WHERE app_id = ? AND {test}",
+                (app_id, *params),
             ).fetchall():
                 batch.tombs[key] = position
         return batch
@@ -398,23 +446,24 @@ class SqlStore(SqlSegments, EndpointStore):
         rows = self._exec(cur, f"SELECT pk, {_ENDPOINT_COLUMNS} FROM endpoints").fetchall()
         attributes = [a for r in rows for a in _attribute_rows(int(r[0]), _row_to_endpoint(r[1:]))]
         if attributes:
-            cur.executemany(self._sql(_INSERT_ATTRIBUTE), attributes)
+            self._insert(cur, "endpoint_attributes", _ATTRIBUTE_COLUMNS, attributes)
 
     def _finish_batch(self, cur: Cursor, batch: WriteBatch) -> None:
         """Write the batch's outcome: endpoints, side rows, tombstones, history, rollup."""
         app_id = batch.app_id
         changed = batch.changed_rows()
+        self._number_new_rows(cur, changed)
         resided = [
             r for r in changed if r.stored is None or _side_of(r.stored) != _side_of(r.endpoint)
         ]
         stale_side = [r.pk for r in resided if r.stored is not None] + batch.deleted_pks
-        for chunk in _chunks(sorted(stale_side)):
-            marks = ", ".join("?" for _ in chunk)
+        for chunk in self._chunks(sorted(stale_side)):
+            test, params = self._in("endpoint_pk", chunk)
             for table in ("endpoint_attributes", "endpoint_metrics"):
-                self._exec(cur, f"DELETE FROM {table} WHERE endpoint_pk IN ({marks})", chunk)
-        for chunk in _chunks(sorted(batch.deleted_pks)):
-            marks = ", ".join("?" for _ in chunk)
-            self._exec(cur, f"DELETE FROM endpoints WHERE pk IN ({marks})", chunk)
+                self._exec(cur, f"DELETE FROM {table} WHERE {test}", params)
+        for chunk in self._chunks(sorted(batch.deleted_pks)):
+            test, params = self._in("pk", chunk)
+            self._exec(cur, f"DELETE FROM endpoints WHERE {test}", params)
         # UPDATE sets only the columns that changed, so untouched indexes are left alone.
         updates: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}
         for r in changed:
@@ -428,51 +477,38 @@ class SqlStore(SqlSegments, EndpointStore):
             cur.executemany(self._sql(f"UPDATE endpoints SET {sets} WHERE pk = ?"), params)
         inserts = [(r.pk, *_endpoint_values(r.endpoint)) for r in changed if r.stored is None]
         if inserts:
-            cur.executemany(self._sql(_INSERT_ENDPOINT), inserts)
+            self._insert(cur, "endpoints", _ENDPOINT_INSERT_COLUMNS, inserts)
         for r in changed:
             r.stored = r.endpoint
         attributes = [row for r in resided for row in _attribute_rows(r.pk, r.endpoint)]
         if attributes:
-            cur.executemany(self._sql(_INSERT_ATTRIBUTE), attributes)
+            self._insert(cur, "endpoint_attributes", _ATTRIBUTE_COLUMNS, attributes)
         metrics = [(r.pk, app_id, n, v) for r in resided for n, v in r.endpoint.metrics.items()]
         if metrics:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO endpoint_metrics (endpoint_pk, app_id, name, value) "
-                    "VALUES (?, ?, ?, ?)"
-                ),
-                metrics,
+            self._insert(
+                cur, "endpoint_metrics", ("endpoint_pk", "app_id", "name", "value"), metrics
             )
         if batch.new_names:
             cur.executemany(
                 self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
                 [(app_id, k, n) for k, n in batch.new_names],
             )
-        for chunk in _chunks(sorted(batch.tombs_removed)):
-            marks = ", ".join("?" for _ in chunk)
+        for chunk in self._chunks(sorted(batch.tombs_removed)):
+            test, params = self._in("id_key", chunk)
             self._exec(
-                cur,
-                f"DELETE FROM tombstones WHERE app_id = ? AND id_key IN ({marks})",
-                (app_id, *chunk),
+                cur, f"DELETE FROM tombstones WHERE app_id = ? AND {test}", (app_id, *params)
             )
         if batch.tombs_written:
             cur.executemany(
                 self._sql(
                     "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
                     "ON CONFLICT (app_id, id_key) DO UPDATE SET "
-                    "position = max(tombstones.position, excluded.position)"
+                    f"position = {self.dialect.greatest}(tombstones.position, excluded.position)"
                 ),
                 [(app_id, k, p) for k, p in sorted(batch.tombs_written.items())],
             )
         if batch.history:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, "
-                    "opt_out_before, opt_out_after, address, cause_kind, cause_ref) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                ),
-                batch.history,
-            )
+            self._insert(cur, "consent_history", _HISTORY_COLUMNS, batch.history)
         deltas = [(app_id, *b, n) for b, n in sorted(batch.counts.items()) if n]
         if deltas:
             cur.executemany(
@@ -556,6 +592,8 @@ class SqlStore(SqlSegments, EndpointStore):
     def _run_group(self, jobs: list[_Job]) -> None:
         try:
             with self._write(durable=any(job.durable for job in jobs)) as cur:
+                # Every app of the group at once, before any row is read (see ``_lock_apps``).
+                self._lock_apps(cur, [job.app_id for job in jobs])
                 if len(jobs) == 1:
                     jobs[0].result = self._write_job(cur, jobs[0])
                     return
@@ -565,7 +603,7 @@ class SqlStore(SqlSegments, EndpointStore):
                         job.result = self._write_job(cur, job)
                     except Exception as exc:  # this request's error; the others go on
                         self._exec(cur, "ROLLBACK TO optsync_job")
-                        job.error = exc
+                        job.error = self._translate_error(exc)
                     self._exec(cur, "RELEASE optsync_job")
         except BaseException as exc:  # the transaction failed: no request was applied
             for job in jobs:
@@ -588,6 +626,7 @@ class SqlStore(SqlSegments, EndpointStore):
     def delete_endpoint(self, app_id: str, endpoint_id: str, cause: Cause) -> Endpoint:
         delete = EndpointDelete(endpoint_id)
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             batch = self._begin_batch(cur, app_id, [delete])
             outcome = batch.delete(delete, cause)
@@ -615,6 +654,7 @@ class SqlStore(SqlSegments, EndpointStore):
 
     def delete_user_endpoints(self, app_id: str, user_id: str, cause: Cause) -> list[Endpoint]:
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             found = self._user_endpoints(cur, app_id, user_id)
             if not found:

@@ -2,12 +2,14 @@
 conversions between an ``Endpoint`` and its row and attribute rows.
 
 Also the small helpers the ``sql*.py`` modules share: ``_dumps`` (the JSON of text columns),
-``_chunks`` (IN lists of at most 500 values) and ``_offset`` (a NextToken as a row offset).
+``_chunks`` (IN lists of at most 500 values), ``_insert_statement`` (an INSERT of given columns)
+and ``_offset`` (a NextToken as a row offset).
 Pure functions: nothing here touches a database.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,13 +40,22 @@ _ENDPOINT_COLUMNS = (
 
 
 _COLUMN_NAMES = tuple(c.strip() for c in _ENDPOINT_COLUMNS.split(","))
-_INSERT_ENDPOINT = "INSERT INTO endpoints (pk, {}) VALUES (?, {})".format(
-    _ENDPOINT_COLUMNS, ", ".join("?" for _ in _ENDPOINT_COLUMNS.split(","))
-)
-_INSERT_ATTRIBUTE = (
-    "INSERT INTO endpoint_attributes (endpoint_pk, app_id, kind, name, value, value_ts, "
-    "country_code, channel_type, status, opt_out) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
+_ENDPOINT_INSERT_COLUMNS = ("pk", *_COLUMN_NAMES)
+_ATTRIBUTE_COLUMNS = (
+    "endpoint_pk", "app_id", "kind", "name", "value", "value_ts",
+    "country_code", "channel_type", "status", "opt_out",
+)  # fmt: skip
+_HISTORY_COLUMNS = (
+    "app_id", "endpoint_key", "endpoint_id", "at", "opt_out_before", "opt_out_after",
+    "address", "cause_kind", "cause_ref",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_statement(table: str, columns: tuple[str, ...]) -> str:
+    """``INSERT INTO table (columns) VALUES (?, ...)``."""
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+
 
 _dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 

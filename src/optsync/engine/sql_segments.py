@@ -54,6 +54,10 @@ class SqlSegments(ABC):
         """Run one statement on ``cur``."""
 
     @abstractmethod
+    def _lock_apps(self, cur: Cursor, app_ids: Sequence[str]) -> None:
+        """Keep other writers off these apps until the transaction ends."""
+
+    @abstractmethod
     def _get_app(self, cur: Cursor, app_id: str) -> App:
         """Raise ``NotFound`` if there is no such app."""
 
@@ -116,6 +120,7 @@ class SqlSegments(ABC):
     def create_segment(self, app_id: str, definition: SegmentDefinition) -> Segment:
         now = iso_now()
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             self._check_sources(cur, app_id, definition)
             segment_id = uuid.uuid4().hex
@@ -156,6 +161,7 @@ class SqlSegments(ABC):
         self, app_id: str, segment_id: str, definition: SegmentDefinition
     ) -> Segment:
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             latest = self._get_segment(cur, app_id, segment_id, None)
             old = latest.definition
@@ -223,6 +229,7 @@ class SqlSegments(ABC):
 
     def delete_segment(self, app_id: str, segment_id: str) -> Segment:
         with self._write() as cur:
+            self._lock_apps(cur, [app_id])
             self._get_app(cur, app_id)
             segment = self._get_segment(cur, app_id, segment_id, None)
             self._exec(

@@ -2,10 +2,22 @@
 
 Records are stored in the AWS DMS -> Kinesis JSON format (``optsync.formats.dms``), so a
 record written by a real DMS task is as welcome as one written by optsync's capture.
+
+Partitions: a stream has ``partitions`` partitions (the embedded one defaults to 1). A record
+goes to ``partition_of(partition_key, partitions)``, so every change of one row lands in one
+partition, in the order it was appended. Offsets are unique across the whole stream and grow
+within each partition; a consumer keeps one acknowledged offset per partition.
+
+Leases: several apply workers share one consumer by taking partitions with ``claim``. Each
+partition is leased to one live worker at a time and the partitions are spread over the live
+workers; a worker that stops renewing loses its leases after ``ttl`` seconds. Exclusivity is a
+matter of efficiency, not of correctness: a worker that lost its lease without knowing it
+applies records a second time, which the engine's position guard makes harmless.
 """
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +26,15 @@ import msgspec
 
 from optsync.events import ChangeEvent
 
-__all__ = ("ChangeStream", "Checkpoint", "StreamRecord", "StreamStats")
+__all__ = ("ChangeStream", "Checkpoint", "StreamRecord", "StreamStats", "partition_of")
+
+
+def partition_of(partition_key: str, partitions: int) -> int:
+    """The partition of a record: CRC-32 of its key, modulo the partition count (stable across
+    processes and versions, unlike ``hash``)."""
+    if partitions == 1:
+        return 0
+    return zlib.crc32(partition_key.encode()) % partitions
 
 
 class StreamRecord(msgspec.Struct, frozen=True):
@@ -29,6 +49,7 @@ class StreamRecord(msgspec.Struct, frozen=True):
     data: bytes
     appended_at: float
     """Unix time the stream took the record."""
+    partition: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,18 +67,39 @@ class StreamStats:
     oldest: int
     """Offset of the oldest retained record (head + 1 when empty)."""
     consumers: dict[str, int]
-    """Consumer name -> acknowledged offset."""
+    """Consumer name -> acknowledged offset: the lowest over the partitions that hold records it
+    has not acknowledged, or the highest when there is none (so it equals ``head`` once the
+    consumer has acknowledged everything, whatever the partitions)."""
+    pending: dict[str, int]
+    """Consumer name -> records after its acknowledged offsets, over every partition (exact;
+    NATS JetStream counts each message after the first one as one, see ``stream.nats``)."""
 
 
 class ChangeStream(ABC):
-    """A durable log with named consumers. Offsets start at 1 and only grow."""
+    """A durable log with named consumers.
+
+    Offsets are positive, unique and grow within a partition; they need not be dense (the
+    embedded stream numbers records 1, 2, 3..., NATS JetStream ``sequence * 1024 + index``), so
+    callers compare offsets, never count with them.
+    """
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions records are spread over (fixed when the stream is created)."""
+        return 1
 
     @abstractmethod
     def append(self, events: Sequence[ChangeEvent], checkpoint: Checkpoint | None = None) -> int:
-        """Store events durably (and the source checkpoint, atomically with them).
+        """Store events durably, and then the source checkpoint: it never gets ahead of them.
 
-        Idempotent by event: an event whose (partition key, position) is already stored is
-        not stored again. Returns the stream's head offset.
+        The embedded stream stores both atomically; NATS JetStream stores the checkpoint once
+        every event is acknowledged by the server (at least once, see ``stream.nats``).
+
+        Idempotent: an event repeated within a batch is stored once, and a batch appended again
+        is not stored again. The embedded and memory streams skip any event whose id is stored
+        already, in any batch; NATS JetStream deduplicates whole messages within its duplicate
+        window, so an event re-sent in a batch cut differently may be stored twice (the engine's
+        position guard makes that harmless). Returns the stream's head offset.
         """
 
     @abstractmethod
@@ -70,9 +112,15 @@ class ChangeStream(ABC):
 
     @abstractmethod
     def read(
-        self, consumer: str, limit: int, wait: float = 0.0, *, after: int | None = None
+        self,
+        consumer: str,
+        limit: int,
+        wait: float = 0.0,
+        *,
+        partition: int = 0,
+        after: int | None = None,
     ) -> list[StreamRecord]:
-        """Records after the consumer's acknowledged offset, oldest first.
+        """Records of ``partition`` after the consumer's acknowledged offset, oldest first.
 
         ``after``: read after this offset instead (a consumer that acknowledges less often than
         it reads passes the last offset it handled; it must not be below the acknowledged one).
@@ -80,18 +128,36 @@ class ChangeStream(ABC):
         """
 
     @abstractmethod
-    def ack(self, consumer: str, offset: int) -> None:
-        """The consumer has durably handled every record up to ``offset``."""
+    def ack(self, consumer: str, offset: int, *, partition: int = 0) -> None:
+        """The consumer has durably handled every record of ``partition`` up to ``offset``.
+
+        A lower offset than the one stored is ignored. The acknowledgement may become durable
+        after this returns: losing it only delivers the records again.
+        """
 
     @abstractmethod
     def seek(self, consumer: str, offset: int) -> None:
-        """Move the consumer's acknowledged offset (0 replays from the beginning)."""
+        """Move the consumer's acknowledged offset in every partition (0 replays everything)."""
+
+    @abstractmethod
+    def claim(self, consumer: str, worker: str, ttl: float) -> frozenset[int]:
+        """The partitions ``worker`` may consume now; renews its leases for ``ttl`` seconds.
+
+        Call it more often than ``ttl``. Partitions are spread evenly over the workers that
+        claimed within ``ttl``: a worker takes a partition free of any live lease, and gives
+        up (no longer returns) those that belong to another worker's share. A worker should
+        acknowledge what it applied of a partition before it stops reading it.
+        """
+
+    @abstractmethod
+    def release(self, consumer: str, worker: str) -> None:
+        """Give up every lease of ``worker`` at once (a clean stop)."""
 
     @abstractmethod
     def trim(self, keep_after: int) -> int:
         """Drop records with offset <= ``keep_after`` that every consumer has acknowledged.
 
-        Returns how many were dropped.
+        Returns how many were dropped (NATS JetStream: how many messages).
         """
 
     @abstractmethod

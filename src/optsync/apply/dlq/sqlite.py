@@ -1,12 +1,10 @@
-"""The dead-letter queue: records apply could not use, with the reason, never dropped.
+"""``SQLiteDeadLetterQueue``: the dead-letter queue in ``DATA_DIR/dlq.db``.
 
-Stored in ``DATA_DIR/dlq.db``. An entry keeps the raw stream record, so ``optsync dlq replay``
-can run it through the (possibly corrected) mapping again. One entry per record: the same record
-(consumer, stream offset and bytes) redelivered after a crash does not appear twice, and comes
-back into the queue if it had been replayed and fails again. A *different* record at an offset
-already used (a stream file replaced by an empty one starts its offsets again) is a new entry.
-Schema version 1 refused that second record silently (``UNIQUE (consumer, stream_offset)``
-with ``INSERT OR IGNORE``); a version 1 file is rebuilt without the constraint when opened.
+An entry keeps the raw stream record, so ``optsync dlq replay`` can run it through the
+(possibly corrected) mapping again. A different record at an offset already used (a stream file
+replaced by an empty one starts its offsets again) is a new entry. Schema version 1 refused
+that second record silently (``UNIQUE (consumer, stream_offset)`` with ``INSERT OR IGNORE``); a
+version 1 file is rebuilt without the constraint when opened.
 """
 
 from __future__ import annotations
@@ -15,10 +13,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ("DeadLetter", "DeadLetterQueue")
+from optsync.apply.dlq.base import DeadLetter, DeadLetterQueue
+
+__all__ = ("SQLiteDeadLetterQueue",)
 
 _SCHEMA_VERSION = 2
 _TABLE = """
@@ -37,19 +36,7 @@ _INDEX = "CREATE INDEX IF NOT EXISTS dead_letters_offset ON dead_letters (consum
 _COLUMNS = "id, at, consumer, stream_offset, partition_key, reason, data, replayed_at"
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    id: int
-    at: float
-    consumer: str
-    stream_offset: int
-    partition_key: str
-    reason: str
-    data: bytes
-    replayed_at: float | None = None
-
-
-class DeadLetterQueue:
+class SQLiteDeadLetterQueue(DeadLetterQueue):
     """Dead letters in one SQLite file (``":memory:"`` for tests)."""
 
     def __init__(self, path: str | Path) -> None:

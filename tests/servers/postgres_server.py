@@ -28,7 +28,13 @@ from typing import Any
 import psycopg2
 import pytest
 
-__all__ = ("PostgresServer", "find_binaries", "postgres_fixture", "running_server")
+__all__ = (
+    "PostgresServer",
+    "find_binaries",
+    "postgres_fixture",
+    "require_binaries",
+    "running_server",
+)
 
 SERVER_USER = "postgres"
 SETTINGS = (
@@ -91,9 +97,36 @@ class PostgresServer:
         self.sql("SELECT pg_reload_conf()")
         time.sleep(0.2)  # the postmaster signals the backends; give them a moment
 
+    def create_database(self, name: str, template: str | None = None, options: str = "") -> str:
+        """``CREATE DATABASE name`` (copied from ``template``, with extra ``options``); its URL."""
+        copy = f" TEMPLATE {template}" if template else ""
+        self.sql(f"CREATE DATABASE {name}{copy} {options}")
+        return self.url(db=name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop the database, ending any session still connected to it."""
+        self.sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+    def require_password(self, user: str) -> None:
+        """Make ``user`` log in with a password over TCP (every other user stays trusted)."""
+        hba = self.folder / "data" / "pg_hba.conf"
+        rule = f"host all {user} 127.0.0.1/32 scram-sha-256\n"
+        if rule not in hba.read_text():
+            hba.write_text(rule + hba.read_text())  # the first matching line wins
+        self.sql("SELECT pg_reload_conf()")
+        time.sleep(0.2)  # the postmaster rereads pg_hba.conf on the signal
+
     @property
     def log_path(self) -> Path:
         return self.folder / "server.log"
+
+    def restart(self) -> None:
+        """Stop the server (fast: every connection is cut) and start it again, same port and
+        data, as after a crash or a failover."""
+        command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast"]
+        # -l again: without it the new postmaster writes to our pipe and run() never returns.
+        command += ["-l", str(self.log_path), "-w", "-t", "60", "restart"]
+        subprocess.run(_as_server_user(command), check=True, capture_output=True)
 
 
 def _as_server_user(command: list[str]) -> list[str]:
@@ -196,9 +229,8 @@ def running_server(extra_settings: Sequence[str] = ()) -> Iterator[PostgresServe
         shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session", name="postgres")
-def postgres_fixture() -> Iterator[PostgresServer]:
-    """A private cluster for the whole test session (skipped without binaries, failed in CI)."""
+def require_binaries() -> None:
+    """Skip the calling test without server binaries; fail it instead under CI=true."""
     if find_binaries() is None:
         message = (
             "PostgreSQL server binaries are missing (/usr/lib/postgresql/*/bin/initdb); "
@@ -207,5 +239,11 @@ def postgres_fixture() -> Iterator[PostgresServer]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session", name="postgres")
+def postgres_fixture() -> Iterator[PostgresServer]:
+    """A private cluster for the whole test session (skipped without binaries, failed in CI)."""
+    require_binaries()
     with running_server() as server:
         yield server
