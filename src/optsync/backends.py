@@ -69,6 +69,7 @@ def open_stream(settings: Settings) -> ChangeStream:
             stream.url,
             name=stream.name,
             partitions=stream.partitions or DEFAULT_NATS_PARTITIONS,
+            replicas=stream.replicas,
         )
     from optsync.stream.embedded import EmbeddedStream  # noqa: PLC0415
 

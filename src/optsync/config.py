@@ -115,6 +115,9 @@ class StreamSettings:
     """NATS: the JetStream stream's name (its subjects are NAME.p.N)."""
     partitions: int | None = None
     """How many partitions records are spread over [default: 8 on NATS, 1 embedded]."""
+    replicas: int = 1
+    """NATS: how many servers keep each message (3 on a 3-node cluster: a quorum acknowledges).
+    Used when the stream is created."""
 
     @property
     def scheme(self) -> str:
@@ -284,7 +287,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
 _TOP_KEYS = ("data_dir", "source", "stream", "engine", "api", "mapping")
 _API_KEYS = ("listen", "credentials", "console_secret")
 _ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country")
-_STREAM_KEYS = ("url", "name", "partitions")
+_STREAM_KEYS = ("url", "name", "partitions", "replicas")
 
 
 def _refuse_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -349,7 +352,10 @@ def _stream(doc: Mapping[str, Any], env: Mapping[str, str]) -> StreamSettings:
         raise ConfigError(
             f"[stream] name = {name!r}: use letters, digits, - and _ (a JetStream stream name)"
         )
-    settings = StreamSettings(url=url, name=name, partitions=partitions)
+    replicas = table.get("replicas", 1)
+    if replicas not in (1, 3, 5) or isinstance(replicas, bool):
+        raise ConfigError(f"[stream] replicas = {replicas!r}: use 1, 3 or 5 (JetStream replicas)")
+    settings = StreamSettings(url=url, name=name, partitions=partitions, replicas=replicas)
     if settings.scheme not in STREAM_SCHEMES or (
         settings.scheme == "nats" and not url.lower().startswith("nats://")
     ):

@@ -144,9 +144,11 @@ class Cluster:
             yield conn
 
     def source_state(self) -> dict[int, int]:
-        """user number -> optin, as the application database holds it now."""
+        """user number -> optin of the userN rows, as the application database holds them."""
         with self.source() as conn:
-            rows = conn.execute("SELECT userid, optin FROM optin_status").fetchall()
+            rows = conn.execute(
+                "SELECT userid, optin FROM optin_status WHERE userid GLOB 'user[0-9]*'"
+            ).fetchall()
         return {int(userid.removeprefix("user")): int(optin) for userid, optin in rows}
 
     # engine -----------------------------------------------------------------------------------

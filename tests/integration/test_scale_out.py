@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -249,3 +251,45 @@ def test_two_api_servers_serve_the_same_endpoints(cluster: Cluster) -> None:
         return bool(reply["EndpointResponse"]["OptOut"] == "ALL")
 
     cluster.wait_for("user9's opt-out through serve-1", opted_out_on_first)
+
+
+def test_dead_letters_of_every_worker_are_listed_from_any_machine(cluster: Cluster) -> None:
+    """The DLQ lives in the engine's PostgreSQL: `optsync dlq list --config apply.toml` (and
+    `status`) see a worker's dead letters from another process, with no data folder of theirs."""
+    seed(cluster, users=3)
+    with cluster.source() as conn:
+        conn.execute(
+            "INSERT INTO optin_status (userid, phone, optin) VALUES ('poison', 'not-a-number', 1)"
+        )
+    cluster.start("capture")
+    cluster.start("apply-1")
+    cluster.wait_converged(3)
+    elsewhere = cluster.folder / "elsewhere"
+    elsewhere.mkdir()
+    config = str(cluster.folder / "apply.toml")
+
+    def listed() -> str:
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("optsync")), "dlq", "list", "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=elsewhere,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    cluster.wait_for("the poison row in the DLQ", lambda: "1 dead letters" in listed())
+    assert "phone" in listed()
+    status = subprocess.run(
+        [str(Path(sys.executable).with_name("optsync")), "status", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+        check=False,
+    )
+    assert status.returncode == 0, status.stderr
+    assert "1 entries" in status.stdout
+    assert not any(elsewhere.iterdir())  # nothing was created where the commands ran

@@ -140,7 +140,7 @@ def test_engine_and_stream_urls_select_backends(tmp_path: Path) -> None:
     path = tmp_path / "optsync.toml"
     path.write_text(
         '[engine]\nurl = "postgresql://optsync:pw@db:5432/engine"\n'
-        '[stream]\nurl = "nats://nats:4222"\nname = "consent"\npartitions = 16\n'
+        '[stream]\nurl = "nats://nats:4222"\nname = "consent"\npartitions = 16\nreplicas = 3\n'
         '[api]\nconsole_secret = "0123456789abcdef0123"\n'
     )
     settings = load_settings(path, env={})
@@ -148,6 +148,7 @@ def test_engine_and_stream_urls_select_backends(tmp_path: Path) -> None:
     assert settings.redacted_engine_url == "postgresql://optsync:***@db:5432/engine"
     assert settings.stream.scheme == "nats"
     assert (settings.stream.name, settings.stream.partitions) == ("consent", 16)
+    assert settings.stream.replicas == 3
     assert settings.api.console_secret == "0123456789abcdef0123"
     defaults = load_settings(None, env={})
     assert defaults.engine_scheme == "sqlite"
@@ -178,6 +179,7 @@ def test_engine_and_stream_urls_select_backends(tmp_path: Path) -> None:
         ("[stream]\npartitions = 0\n", "[stream] partitions"),
         ("[stream]\npartitions = true\n", "[stream] partitions"),
         ('[stream]\nname = "a.b"\n', "[stream] name"),
+        ("[stream]\nreplicas = 2\n", "[stream] replicas"),
         ('[api]\nconsole_secret = "short"\n', "console_secret"),
     ],
 )
