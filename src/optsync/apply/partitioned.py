@@ -9,8 +9,13 @@ within ``lease_ttl * 1.2`` seconds (12 s by default). They read each from its ac
 offset: whatever the dead process applied but had not acknowledged is applied again, which the
 engine's position guard makes a no-op.
 
-Before each claim every partition's applied records are made durable and acknowledged
-(``ApplyWorker.flush``), so a partition given up is handed over with nothing in flight.
+Each step reads every held partition and applies what it found in **one** engine transaction
+(``ApplyWorker.apply``): a transaction per partition cost eight round trips per step on
+PostgreSQL with 8 partitions, and commit -> applied p99 went to 334 ms at 1,000 changes/s
+(``bench/cluster.py``). Keys never share a partition, so mixing partitions in one batch keeps
+each key's order. The engine is made durable, then each partition acknowledged, every
+``sync_interval`` seconds, when nothing is new, and before each claim, so a partition given up
+is handed over with nothing in flight.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyStats, ApplyWorker
 from optsync.engine.store import EndpointStore
 from optsync.events import ChangeEvent
-from optsync.stream.base import ChangeStream
+from optsync.stream.base import ChangeStream, StreamRecord
 
 __all__ = ("LEASE_TTL", "PartitionedApply", "worker_name")
 
@@ -65,76 +70,124 @@ class PartitionedApply:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive")
         self.stream = stream
-        self.mapper = mapper
         self.store = store
-        self.app_id = app_id
-        self.dlq = dlq
         self.consumer = consumer
         self.name = name or worker_name()
         self.lease_ttl = lease_ttl
-        self.on_applied = on_applied
         self.sync_interval = sync_interval
         self.stats = ApplyStats()
-        self._workers: dict[int, ApplyWorker] = {}
+        self._applier = ApplyWorker(
+            stream,
+            mapper,
+            store,
+            app_id,
+            dlq,
+            consumer,
+            on_applied=on_applied,
+            sync_interval=sync_interval,
+            stats=self.stats,
+        )
+        self._handled: dict[int, int | None] = {}
+        """Held partition -> the last offset applied (None: read on from the acknowledged one)."""
+        self._unacked: dict[int, int] = {}
+        """Partition -> the last offset applied but not yet made durable and acknowledged."""
+        self._synced_at = time.monotonic()
         self._next_claim = 0.0
         self._turn = itertools.count()
 
     @property
+    def app_id(self) -> str:
+        return self._applier.app_id
+
+    @property
     def partitions(self) -> frozenset[int]:
         """The partitions this process applies now."""
-        return frozenset(self._workers)
+        return frozenset(self._handled)
 
     def step(self, limit: int = 1000, wait: float = 0.2) -> int:
-        """Handle up to ``limit`` records of each held partition; returns how many in all.
-
-        Renews the leases when due. Waits up to about ``wait`` seconds when nothing is new.
-        """
+        """Apply up to about ``limit`` new records of the held partitions in one engine
+        transaction; returns how many. Renews the leases when due; waits up to about ``wait``
+        seconds when nothing is new."""
         if time.monotonic() >= self._next_claim:
             self._claim()
-        workers = list(self._workers.values())
-        if not workers:
+        held = list(self._handled)
+        if not held:
             time.sleep(min(wait, self.lease_ttl / 5))  # every partition is someone else's
             return 0
-        start = next(self._turn) % len(workers)
-        workers = workers[start:] + workers[:start]  # no partition always goes first
-        if len(workers) == 1:
-            return workers[0].step(limit, wait)
-        handled = sum(worker.step(limit, 0.0) for worker in workers)
-        if handled == 0:
-            deadline = time.monotonic() + wait
-            for worker in itertools.cycle(workers):
-                handled = worker.step(limit, IDLE_SLICE)
-                if handled or time.monotonic() >= deadline:
-                    break
-        return handled
+        start = next(self._turn) % len(held)
+        held = held[start:] + held[:start]  # no partition always goes first
+        if len(held) == 1:
+            found = {held[0]: self._read(held[0], limit, wait)}
+        else:
+            each = max(1, limit // len(held))
+            found = {p: self._read(p, each, 0.0) for p in held}
+            if not any(found.values()):
+                self.flush()  # nothing new: make what was applied durable, acknowledge it
+                found = self._wait(held, each, wait)
+        records = [r for batch in found.values() for r in batch]
+        if not records:
+            self.flush()
+            return 0
+        self._applier.apply(records)
+        for partition, batch in found.items():
+            if batch:
+                self._handled[partition] = batch[-1].offset
+                if self.sync_interval > 0:
+                    self._unacked[partition] = batch[-1].offset
+                else:
+                    self.stream.ack(self.consumer, batch[-1].offset, partition=partition)
+        if self._unacked and time.monotonic() - self._synced_at >= self.sync_interval:
+            self.flush()
+        return len(records)
 
     def flush(self) -> None:
-        """Make every applied record durable and acknowledge it, in every held partition."""
-        for worker in self._workers.values():
-            worker.flush()
+        """Make every applied record durable, then acknowledge it, in every partition."""
+        if not self._unacked:
+            return
+        self.store.sync()
+        for partition, offset in sorted(self._unacked.items()):
+            self.stream.ack(self.consumer, offset, partition=partition)
+        self._unacked.clear()
+        self._synced_at = time.monotonic()
 
     def stop(self) -> None:
         """Acknowledge what was applied, then give every lease up for the others to take."""
         try:
             self.flush()
         finally:
-            self._workers.clear()
+            self._handled.clear()
             self.stream.release(self.consumer, self.name)
 
     def replay_dead_letters(self, ids: Sequence[int] | None = None) -> tuple[int, int]:
         """Run dead letters through mapping and engine again (see ``ApplyWorker``)."""
-        return self._worker(0).replay_dead_letters(ids)
+        return self._applier.replay_dead_letters(ids)
+
+    def _read(self, partition: int, limit: int, wait: float) -> list[StreamRecord]:
+        return self.stream.read(
+            self.consumer, limit, wait, partition=partition, after=self._handled[partition]
+        )
+
+    def _wait(
+        self, held: Sequence[int], limit: int, wait: float
+    ) -> dict[int, list[StreamRecord]]:
+        """The first records to arrive in any held partition within ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        for partition in itertools.cycle(held):
+            found = self._read(partition, limit, min(IDLE_SLICE, wait))
+            if found or time.monotonic() >= deadline:
+                return {partition: found}
+        raise AssertionError("unreachable: cycle() never ends")
 
     def _claim(self) -> None:
         self.flush()  # a partition given up below leaves with nothing unacknowledged
         held = self.stream.claim(self.consumer, self.name, self.lease_ttl)
         self._next_claim = time.monotonic() + self.lease_ttl / 5
-        lost = set(self._workers) - held
-        gained = held - set(self._workers)
+        lost = set(self._handled) - held
+        gained = held - set(self._handled)
         for partition in lost:
-            del self._workers[partition]
+            del self._handled[partition]
         for partition in sorted(gained):
-            self._workers[partition] = self._worker(partition)
+            self._handled[partition] = None
         if lost or gained:
             logger.info(
                 "apply partitions worker=%s held=%s gained=%s lost=%s",
@@ -143,17 +196,3 @@ class PartitionedApply:
                 sorted(gained),
                 sorted(lost),
             )
-
-    def _worker(self, partition: int) -> ApplyWorker:
-        return ApplyWorker(
-            self.stream,
-            self.mapper,
-            self.store,
-            self.app_id,
-            self.dlq,
-            self.consumer,
-            on_applied=self.on_applied,
-            sync_interval=self.sync_interval,
-            partition=partition,
-            stats=self.stats,
-        )

@@ -122,6 +122,19 @@ class ApplyWorker:
         if not records:
             self.flush()  # nothing new: make what was applied durable and acknowledge it
             return 0
+        self.apply(records)
+        if self.sync_interval > 0:
+            self._handled = self._unacked = records[-1].offset
+        else:
+            self.stream.ack(self.consumer, records[-1].offset, partition=self.partition)
+        if self._unacked is not None and time.monotonic() - self._synced_at >= self.sync_interval:
+            self.flush()
+        return len(records)
+
+    def apply(self, records: Sequence[StreamRecord]) -> None:
+        """Map ``records``, write them to the engine in one transaction and dead-letter the
+        ones that fail; acknowledges nothing (the caller does, after ``EndpointStore.sync``
+        when ``sync_interval > 0``). The records may come from several partitions."""
         items: list[_Item] = []
         dead: list[tuple[int, str, bytes, str]] = []
         for record in records:
@@ -132,10 +145,6 @@ class ApplyWorker:
                 items.append(outcome)
         dead += self._write(items)
         self.dlq.add(self.consumer, dead)
-        if self.sync_interval > 0:
-            self._handled = self._unacked = records[-1].offset
-        else:
-            self.stream.ack(self.consumer, records[-1].offset, partition=self.partition)
         self.stats.records += len(records)
         self.stats.dead += len(dead)
         if dead:
@@ -151,9 +160,6 @@ class ApplyWorker:
             self.stats.last_applied_at = time.time()
             if self.on_applied is not None:
                 self.on_applied([i.event for i in items])
-        if self._unacked is not None and time.monotonic() - self._synced_at >= self.sync_interval:
-            self.flush()
-        return len(records)
 
     def flush(self) -> None:
         """Make the engine writes durable, then acknowledge every record applied so far."""
