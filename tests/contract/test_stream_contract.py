@@ -589,6 +589,35 @@ def test_waiting_read_of_a_partition_wakes_for_its_records(open_stream: Opener) 
     assert took < WAIT / 2
 
 
+def test_read_any_reads_several_partitions_and_wakes_for_any_of_them(
+    open_stream: Opener,
+) -> None:
+    stream = open_stream(4)
+    grouped = keys_by_partition(4, 16)
+    p0 = append_each(stream, [change(k, 1) for k in grouped[0][:2]])
+    p2 = append_each(stream, [change(k, 1) for k in grouped[2][:3]])
+    found = stream.read_any("apply", 10, 0.0, {0: None, 1: None, 2: p2[0], 3: None})
+    assert {p: offsets(r) for p, r in found.items()} == {0: p0, 2: p2[1:]}  # empty ones left out
+    assert stream.read_any("apply", 10, 0.0, {1: None, 3: None}) == {}
+
+    result: list[tuple[dict[int, list[StreamRecord]], float]] = []
+
+    def wait_any() -> None:
+        started = time.monotonic()
+        got = stream.read_any("apply", 10, WAIT, {1: None, 3: None})
+        result.append((got, time.monotonic() - started))
+
+    thread = threading.Thread(target=wait_any)
+    thread.start()
+    time.sleep(0.2)
+    assert result == []
+    (offset,) = append_each(stream, [change(grouped[3][0], 1)])
+    thread.join(WAIT + 1)
+    ((got, took),) = result
+    assert {p: offsets(r) for p, r in got.items()} == {3: [offset]}
+    assert took < WAIT / 2
+
+
 def test_trim_holds_each_partition_for_its_slowest_consumer(open_stream: Opener) -> None:
     stream = open_stream(2)
     grouped = keys_by_partition(2, 8)

@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 LEASE_TTL = 10.0
 """Seconds a partition stays leased to a process that stopped renewing it."""
-IDLE_SLICE = 0.01
-"""With several partitions, how long one idle read waits before the next partition is tried."""
 
 
 def worker_name() -> str:
@@ -120,10 +118,11 @@ class PartitionedApply:
             found = {held[0]: self._read(held[0], limit, wait)}
         else:
             each = max(1, limit // len(held))
-            found = {p: self._read(p, each, 0.0) for p in held}
-            if not any(found.values()):
+            after = {p: self._handled[p] for p in held}
+            found = self.stream.read_any(self.consumer, each, 0.0, after)
+            if not found:
                 self.flush()  # nothing new: make what was applied durable, acknowledge it
-                found = self._wait(held, each, wait)
+                found = self.stream.read_any(self.consumer, each, wait, after)
         records = [r for batch in found.values() for r in batch]
         if not records:
             self.flush()
@@ -166,17 +165,6 @@ class PartitionedApply:
         return self.stream.read(
             self.consumer, limit, wait, partition=partition, after=self._handled[partition]
         )
-
-    def _wait(
-        self, held: Sequence[int], limit: int, wait: float
-    ) -> dict[int, list[StreamRecord]]:
-        """The first records to arrive in any held partition within ``wait`` seconds."""
-        deadline = time.monotonic() + wait
-        for partition in itertools.cycle(held):
-            found = self._read(partition, limit, min(IDLE_SLICE, wait))
-            if found or time.monotonic() >= deadline:
-                return {partition: found}
-        raise AssertionError("unreachable: cycle() never ends")
 
     def _claim(self) -> None:
         self.flush()  # a partition given up below leaves with nothing unacknowledged

@@ -17,9 +17,11 @@ applies records a second time, which the engine's position guard makes harmless.
 
 from __future__ import annotations
 
+import itertools
+import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -27,6 +29,10 @@ import msgspec
 from optsync.events import ChangeEvent
 
 __all__ = ("ChangeStream", "Checkpoint", "StreamRecord", "StreamStats", "partition_of")
+
+
+READ_ANY_SLICE = 0.01
+"""Seconds ``ChangeStream.read_any`` waits on one partition before it looks at the next."""
 
 
 def partition_of(partition_key: str, partitions: int) -> int:
@@ -138,6 +144,41 @@ class ChangeStream(ABC):
     @abstractmethod
     def seek(self, consumer: str, offset: int) -> None:
         """Move the consumer's acknowledged offset in every partition (0 replays everything)."""
+
+    def read_any(
+        self,
+        consumer: str,
+        limit: int,
+        wait: float,
+        after: Mapping[int, int | None],
+    ) -> dict[int, list[StreamRecord]]:
+        """Records of several partitions at once: up to ``limit`` of each partition in
+        ``after`` (partition -> the offset to read after, None: the acknowledged one), waiting
+        up to ``wait`` seconds until any of them has one. Partitions with nothing are left out.
+
+        This default reads each partition in turn and, when none has anything, waits on them
+        in slices of ``READ_ANY_SLICE``; a backend that can wait on all of them at once (NATS)
+        does better.
+        """
+        found = {p: self.read(consumer, limit, 0.0, partition=p, after=a) for p, a in after.items()}
+        found = {p: records for p, records in found.items() if records}
+        if found or wait <= 0 or not after:
+            return found
+        deadline = time.monotonic() + wait
+        for partition in itertools.cycle(list(after)):
+            remaining = deadline - time.monotonic()
+            records = self.read(
+                consumer,
+                limit,
+                max(0.0, min(READ_ANY_SLICE, remaining)),
+                partition=partition,
+                after=after[partition],
+            )
+            if records:
+                return {partition: records}
+            if remaining <= 0:
+                return {}
+        raise AssertionError("unreachable: cycle() never ends")
 
     @abstractmethod
     def claim(self, consumer: str, worker: str, ttl: float) -> frozenset[int]:

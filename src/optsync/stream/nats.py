@@ -104,7 +104,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -328,6 +328,23 @@ class NatsStream(ChangeStream):
         self._check_partition(partition)
         return self._run(
             self._read(consumer, limit, wait, partition, after), wait + self._timeout * 4 + 1
+        )
+
+    def read_any(
+        self,
+        consumer: str,
+        limit: int,
+        wait: float,
+        after: Mapping[int, int | None],
+    ) -> dict[int, list[StreamRecord]]:
+        """Records of several partitions: one concurrent fetch of each, then a wait on all of
+        their wake-up calls at once, refetching only the partitions that woke."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        for partition in after:
+            self._check_partition(partition)
+        return self._run(
+            self._read_any(consumer, limit, wait, dict(after)), wait + self._timeout * 4 + 1
         )
 
     def ack(self, consumer: str, offset: int, *, partition: int = 0) -> None:
@@ -741,6 +758,46 @@ class NatsStream(ChangeStream):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrived.wait(), min(remaining, POLL))
             self._check_open()
+
+    async def _read_any(
+        self, consumer: str, limit: int, wait: float, after: dict[int, int | None]
+    ) -> dict[int, list[StreamRecord]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        await self._register(consumer)
+        if wait > 0:
+            await self._listen()
+        starts: dict[int, int] = {}
+        for partition, given in after.items():
+            starts[partition] = (
+                _offset(await self._offset_entry(consumer, partition)) if given is None else given
+            )
+        look = list(starts)
+        while look:
+            arrived = {p: self._arrived[p] for p in starts}  # taken before the fetches
+            fetched = await asyncio.gather(
+                *(self._fetch(consumer, p, starts[p], limit) for p in look)
+            )
+            found = {p: records for p, records in zip(look, fetched, strict=True) if records}
+            if found:
+                newest = max(records[-1].offset for records in found.values())
+                self._known_head = max(self._known_head, newest)
+                return found
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            waiters = [asyncio.ensure_future(event.wait()) for event in arrived.values()]
+            try:
+                await asyncio.wait(
+                    waiters, timeout=min(remaining, POLL), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            self._check_open()
+            # Only the partitions that woke; all of them after a POLL without a wake-up call.
+            look = [p for p, event in arrived.items() if event.is_set()] or list(starts)
+        return {}
 
     async def _fetch(
         self, consumer: str, partition: int, after: int, limit: int
