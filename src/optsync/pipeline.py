@@ -39,8 +39,9 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
+from optsync.apply.columns import check_columns
 from optsync.apply.dlq import DeadLetterQueue
-from optsync.apply.mapping import Mapper
+from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.partitioned import PartitionedApply
 from optsync.backends import open_dlq, open_source, open_stream
 from optsync.capture.base import ChangeSource, Progress
@@ -198,7 +199,14 @@ class Pipeline:
 
     def _capture(self) -> None:
         assert self.source is not None
-        capture(self.source, self.stream, self._stop, self.snapshot_done.set, self.progress)
+        capture(
+            self.source,
+            self.stream,
+            self._stop,
+            self.snapshot_done.set,
+            self.progress,
+            self.settings.mappings,
+        )
 
     def _capture_child(self) -> None:
         """Capture in a child process; relays its logs, progress, snapshot switch and failure."""
@@ -301,15 +309,18 @@ def capture(
     stop: threading.Event,
     on_log_phase: Callable[[], None],
     progress: Progress | None = None,
+    rules: Sequence[MappingRule] = (),
 ) -> None:
     """Capture ``source`` into ``stream`` until ``stop``; restarts from the checkpoint on retry.
 
     ``on_log_phase`` is called when the snapshot is done (at every batch from then on).
+    ``rules``: the mapping, when this process knows it: a rule naming a column its table lacks
+    stops capture before it reads anything (``check_columns``).
     """
     backoff = Backoff("capture")
     while not stop.is_set():
         try:
-            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress, backoff)
+            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress, backoff, rules)
         except Retryable as exc:  # down, busy or locked: start again from the saved checkpoint
             source.close()
             stop.wait(backoff.failed(exc))
@@ -329,10 +340,12 @@ def _capture_from_checkpoint(
     on_log_phase: Callable[[], None],
     progress: Progress | None,
     backoff: Backoff,
+    rules: Sequence[MappingRule],
 ) -> None:
     saved = stream.checkpoint(source.name)
     last = saved.state if saved else None
     source.open(last)
+    check_columns(rules, source.table_columns())
     in_log = False
     for batch in source.batches(BATCH_SIZE, progress):
         if stop.is_set():
@@ -389,7 +402,7 @@ def _capture_main(settings: Settings, conn: Connection, level: int, *, progress:
             sender.send("progress", table, done, expected)
 
     try:
-        capture(source, stream, stop, lambda: sender.send("log-phase"), report)
+        capture(source, stream, stop, lambda: sender.send("log-phase"), report, settings.mappings)
     except ConfigError as exc:  # the parent logs it once, in one line
         sender.send("failed", _picklable(exc))
     except BaseException as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from optsync.events import ChangeEvent
@@ -43,6 +43,14 @@ class ChangeSource(ABC):
     @abstractmethod
     def acknowledge(self, state: str) -> None:
         """Events up to ``state`` are durable downstream; the source may release them."""
+
+    def table_columns(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
+        """(schema, table) as events name them -> column names, as ``open`` found them.
+
+        Empty when not known (before ``open``, or a source that cannot say): callers then check
+        nothing.
+        """
+        return {}
 
     @abstractmethod
     def close(self) -> None: ...

@@ -500,6 +500,9 @@ class MySQLSource(ChangeSource):
         """Events up to ``state`` are durable; nothing to release (the server keeps the binlog)."""
         self._acknowledged = state
 
+    def table_columns(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
+        return {(t.schema, t.name): tuple(c.name for c in t.columns) for t in self._tables.values()}
+
     def close(self) -> None:
         self._closed, self._opened = True, False
         self._stop_reader()

@@ -87,7 +87,7 @@ import re
 import secrets
 import select
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -900,6 +900,9 @@ class PostgresSource(ChangeSource):
         acked = _State.parse(state, self.name)
         if acked.phase == "log" and acked.log_after is not None:
             self._acked = max(self._acked, acked.log_after)
+
+    def table_columns(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
+        return {(i.ref.schema, i.ref.name): i.columns for i in self._info.values()}
 
     def close(self) -> None:
         """Confirm what was acknowledged, then close every connection (the slot stays)."""

@@ -92,7 +92,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -798,6 +798,9 @@ class SQLiteSource(ChangeSource):
                 if "locked" not in text and "busy" not in text:
                     raise Fatal(f"source {self.name!r}: acknowledge failed: {exc}") from exc
                 logger.debug("change-table cleanup deferred source=%s reason=%s", self.name, exc)
+
+    def table_columns(self) -> Mapping[tuple[str, str], tuple[str, ...]]:
+        return {(_SCHEMA, t.name): t.columns for t in self._tables.values()}
 
     def close(self) -> None:
         cleaner, self._cleaner = self._cleaner, None
