@@ -20,7 +20,7 @@ from optsync.console.app import COOKIE
 from optsync.console.auth import key_pair_matches, load_or_create_secret
 from optsync.console.masking import mask_address, mask_text
 from optsync.console.pipeline import ThroughputMeter
-from optsync.console.search import address_forms
+from optsync.console.search import address_forms, find_endpoints
 from optsync.console.segments import SegmentForm
 from optsync.engine.models import (
     Cause,
@@ -346,10 +346,56 @@ def test_search_finds_by_address_in_any_spelling_and_by_id(
     assert "user1_" not in page.text
 
 
+@pytest.fixture
+def user6(store: SQLiteStore, app_id: str) -> str:
+    """user6 of the AWS sample, beside user1..user3."""
+    patch = EndpointPatch(
+        id="user6_+12341111116",
+        channel_type=ChannelType.SMS,
+        address="+12341111116",
+        opt_out=OptOut.NONE,
+        user_id="user6",
+        position=f"{6:020d}",
+    )
+    store.write_endpoints(app_id, [patch], Cause(CauseKind.SOURCE, ""))
+    return patch.id
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "(234) 111-1116",
+        "2341111116",
+        "234-111-1116",
+        "234 111 1116",
+        "1 234 111 1116",
+        "+1 234 111 1116",
+        "USER6",
+        "User6",
+        " user6 ",
+        "USER6_+12341111116",
+    ],
+)
+def test_search_finds_user6_as_people_type_it(
+    store: SQLiteStore, app_id: str, user6: str, query: str
+) -> None:
+    """Issue 13: national numbers were read as +234 (Nigeria), user ids only in their own case."""
+    assert [e.id for e in find_endpoints(store, app_id, query)] == [user6]
+
+
+def test_the_search_page_finds_a_national_number(operator: Client, app_id: str, user6: str) -> None:
+    page = operator.get(f"/console/apps/{app_id}/endpoints", params={"q": "(234) 111-1116"})
+    assert "user6_+1234•••••16" in page.text
+    assert "No endpoint of" not in page.text
+
+
 def test_address_forms() -> None:
     assert address_forms("+1 (234) 111-1111") == ["+1 (234) 111-1111", "+12341111111"]
     assert address_forms("Jane@Example.com") == ["Jane@Example.com", "jane@example.com"]
     assert address_forms("user1") == ["user1"]
+    assert address_forms("(234) 111-1116") == ["(234) 111-1116", "+12341111116"]  # US
+    assert address_forms("442071234567") == ["442071234567", "+442071234567"]  # not US: +44
+    assert address_forms("(234) 111-1116", "GB") == ["(234) 111-1116", "+442341111116"]
 
 
 def test_the_endpoint_page_shows_attributes_and_consent_history(

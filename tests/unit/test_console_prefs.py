@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_console import CSRF, Client
+from test_console import Client
 
 from optsync.api.app import PinpointApi
 from optsync.apply.mapping import MappingRule
@@ -69,6 +70,15 @@ def sign_in(client: Client, user_id: str) -> int:
     return client.post("/prefs/login", {"user_id": user_id, "csrf_token": token}).status_code
 
 
+SWITCH_FORM = re.compile(r'<form method="post" action="/prefs/optin">(.*?)</form>', re.S)
+HIDDEN = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
+
+
+def switch_forms(page: str) -> list[dict[str, str]]:
+    """The fields of each on/off switch's form, as the browser would post them."""
+    return [dict(HIDDEN.findall(form)) for form in SWITCH_FORM.findall(page)]
+
+
 def test_the_sign_in_page_says_it_is_demo_grade(client: Client) -> None:
     page = client.get("/prefs/")
     assert page.status_code == 200
@@ -80,9 +90,33 @@ def test_the_sign_in_page_says_it_is_demo_grade(client: Client) -> None:
 def test_a_user_sees_their_numbers_and_nobody_else_s(client: Client) -> None:
     assert sign_in(client, "user1") == 303
     page = client.get("/prefs/")
-    assert "+12341111111" in page.text
-    assert "+12341111112" not in page.text
+    assert '<span class="pref-address">+1234•••••11</span>' in page.text
+    assert "+1234•••••12" not in page.text
     assert 'role="switch" aria-checked="true"' in page.text
+
+
+def test_the_number_is_masked_everywhere_on_the_page(client: Client) -> None:
+    """Issue 13: the message masked the number, the list, the switch and its form did not."""
+    sign_in(client, "user2")
+    (form,) = switch_forms(client.get("/prefs/").text)
+    assert client.post("/prefs/optin", form).status_code == 303
+    page = client.get("/prefs/").text
+    assert "Saved: Text messages (SMS) off for +1234•••••12." in page
+    assert '<span class="pref-address">+1234•••••12</span>' in page
+    assert 'aria-label="Text messages (SMS) to +1234•••••12"' in page
+    assert "1111112" not in page  # nor in a hidden field, an attribute or the page's markup
+
+
+def test_e_mail_addresses_are_masked_too(folder: Path, client: Client) -> None:
+    conn = sqlite3.connect(folder / "app.db")
+    with conn:
+        conn.execute("ALTER TABLE optin_status ADD COLUMN email TEXT")
+        conn.execute("UPDATE optin_status SET email = 'one@example.com' WHERE userid = 'user1'")
+    conn.close()
+    sign_in(client, "user1")
+    page = client.get("/prefs/").text
+    assert "o•••@example.com" in page
+    assert "one@example.com" not in page
 
 
 def test_an_unknown_user_is_not_signed_in(client: Client) -> None:
@@ -93,10 +127,9 @@ def test_an_unknown_user_is_not_signed_in(client: Client) -> None:
 def test_opting_out_writes_the_source_table(client: Client, folder: Path) -> None:
     before = rows(folder / "app.db")
     sign_in(client, "user2")
-    token = CSRF.search(client.get("/prefs/").text)
-    assert token
-    form = {"csrf_token": token.group(1), "channel": "SMS", "address": "+12341111112"}
-    response = client.post("/prefs/optin", form | {"optin": "0"})
+    (form,) = switch_forms(client.get("/prefs/").text)
+    assert form["optin"] == "0"  # the switch is on: its form turns it off
+    response = client.post("/prefs/optin", form)
     assert response.status_code == 303
     after = rows(folder / "app.db")
     assert after["user2"][0] == 0
@@ -107,14 +140,15 @@ def test_opting_out_writes_the_source_table(client: Client, folder: Path) -> Non
     page = client.get("/prefs/")
     assert 'aria-checked="false"' in page.text
     assert "Saved: Text messages (SMS) off for +1234•••••12." in page.text
-    client.post("/prefs/optin", form | {"optin": "1"})
+    (form,) = switch_forms(page.text)
+    client.post("/prefs/optin", form)
     assert rows(folder / "app.db")["user2"][0] == 1
 
 
 def test_a_post_without_the_csrf_token_changes_nothing(client: Client, folder: Path) -> None:
     before = rows(folder / "app.db")
     sign_in(client, "user3")
-    form = {"channel": "SMS", "address": "+12341111113", "optin": "0"}
+    form = {"channel": "SMS", "row": "3", "optin": "0"}
     response = client.post("/prefs/optin", form)
     assert response.status_code == 403
     assert "the form has no token" in response.text
@@ -128,11 +162,13 @@ def test_sign_in_needs_the_csrf_token_too(client: Client) -> None:
 def test_a_user_cannot_change_someone_else_s_number(client: Client, folder: Path) -> None:
     before = rows(folder / "app.db")
     sign_in(client, "user1")
-    token = CSRF.search(client.get("/prefs/").text)
-    assert token
-    form = {"csrf_token": token.group(1), "channel": "SMS", "address": "+12341111114"}
-    response = client.post("/prefs/optin", form | {"optin": "0"})
-    assert response.status_code == 404
+    (form,) = switch_forms(client.get("/prefs/").text)
+    conn = sqlite3.connect(folder / "app.db")
+    (user4_row,) = conn.execute("SELECT rowid FROM optin_status WHERE userid = 'user4'").fetchone()
+    conn.close()
+    for row in (str(user4_row), "999", "x"):
+        response = client.post("/prefs/optin", form | {"row": row})
+        assert response.status_code == 404, row
     assert rows(folder / "app.db") == before
 
 

@@ -251,6 +251,30 @@ def test_effective_date(value: object, expected: str | None) -> None:
     assert upsert(lastupdate=value).effective_date == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("1796280349", "2026-12-03T06:45:49.000Z"),  # SQLite TEXT column: epoch seconds
+        (" 1796280349 ", "2026-12-03T06:45:49.000Z"),
+        ("1796280349.25", "2026-12-03T06:45:49.250Z"),
+        ("1796280349123", "2026-12-03T06:45:49.123Z"),  # milliseconds
+        (1796280349, "2026-12-03T06:45:49.000Z"),  # INTEGER
+        (1796280349.0, "2026-12-03T06:45:49.000Z"),  # REAL
+        ("20261203", "20261203"),  # eight digits: ISO 8601's basic date, not an epoch time
+        ("2026-12-03T06:45:49Z", "2026-12-03T06:45:49Z"),
+    ],
+)
+def test_epoch_time_as_text_becomes_iso_8601(value: object, expected: str) -> None:
+    """Issue 13: a TEXT column of epoch seconds gave EffectiveDate "1796280349"."""
+    assert upsert(lastupdate=value).effective_date == expected
+
+
+@pytest.mark.parametrize("value", [10**20, "100000000000000000000", 1e300, float("nan")])
+def test_an_epoch_time_out_of_range_is_a_mapping_error(value: object) -> None:
+    reason = reason_of(Mapper([SAMPLE]), event(after={**ROW, "lastupdate": value}))
+    assert reason.startswith("column 'lastupdate' holds a number that is no epoch time")
+
+
 def test_without_user_id_the_id_is_the_raw_address() -> None:
     rule = MappingRule("optin_status", address="phone", opt_in="optin")
     patch = upsert(rule)

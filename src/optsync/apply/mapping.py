@@ -20,6 +20,9 @@ the opt-in flag, the user id and the attributes. Decisions:
   plain upsert.
 - Addresses: SMS and VOICE in E.164 (``phone.normalize`` under the rule's policy); EMAIL
   stripped and lower-cased, exactly one ``@``; other channels as they are.
+- EffectiveDate: an epoch time (seconds, milliseconds or microseconds by magnitude), as a number
+  or as text of nine digits or more (a SQLite TEXT column), becomes ISO-8601 UTC; other text is
+  passed on as it is. An epoch time outside the years 1 to 9999 is a ``MappingError``.
 - Reasons (kept in the DLQ, and logged) name the column and the fix, never a phone number or
   an e-mail address; a value is quoted only when it is short and holds at most three digits.
 - Endpoint ids are compared the engine's way (case-insensitively).
@@ -374,12 +377,20 @@ def _copied(row: Row, columns: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     return {c: (str(row[c]),) for c in columns if row.get(c) is not None}
 
 
+_EPOCH_TEXT = re.compile(r"[0-9]{9,}(?:\.[0-9]+)?")
+"""Epoch time written as text (a SQLite TEXT column): 9 digits or more, so that an eight-digit
+``20261203`` (ISO 8601's basic date) is not read as seconds in 1970."""
+
+
 def _effective_date(rule: MappingRule, row: Row) -> str | None:
     if rule.effective_date is None:
         return None
     value = row.get(rule.effective_date)
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, str) and _EPOCH_TEXT.fullmatch(value.strip()):
+        text = value.strip()
+        value = float(text) if "." in text else int(text)
     if isinstance(value, int | float):
         # Epoch time (Debezium's DATETIME): seconds, milliseconds or microseconds by magnitude.
         micros = value * (1 if value > 1e14 else 1_000 if value > 1e11 else 1_000_000)

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import Pages
-from optsync.console.search import find_endpoints
+from optsync.console.search import DEFAULT_REGION, find_endpoints
 from optsync.console.web import checked_form, redirect, safe_next
 from optsync.engine.models import ConsentChange, Endpoint
 from optsync.errors import InvalidRequest, NotFound
@@ -100,7 +100,13 @@ class EndpointViews:
             else []
         )
         return self.pages.render(
-            request, "endpoints.html", app=app, nav="endpoints", query=query, results=results
+            request,
+            "endpoints.html",
+            app=app,
+            nav="endpoints",
+            query=query,
+            results=results,
+            region=DEFAULT_REGION,
         )
 
     async def show(self, request: Request) -> Response:

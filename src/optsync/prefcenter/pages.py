@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from optsync.console.auth import csrf_token
+from optsync.console.masking import mask_address
 from optsync.console.web import base_path, make_templates
 from optsync.prefcenter.source import PreferenceStore
 
@@ -24,6 +25,7 @@ class PrefsPages:
     def __init__(self, preferences: PreferenceStore) -> None:
         self.preferences = preferences
         self.templates = make_templates(TEMPLATES)
+        self.templates.env.filters["masked"] = mask_address
 
     def user(self, request: Request) -> str | None:
         user = request.session.get(_USER)

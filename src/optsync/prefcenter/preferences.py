@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -23,6 +24,10 @@ CHANNEL_WORDS = {
     ChannelType.EMAIL: "E-mail",
     ChannelType.VOICE: "Voice calls",
 }
+
+
+_ROW = re.compile(r"[0-9]{1,18}")
+"""A rowid as the form sends it (18 digits stay within SQLite's 64-bit integers)."""
 
 
 class PreferenceViews:
@@ -60,11 +65,13 @@ class PreferenceViews:
         except ValueError:
             return self.pages.error(request, 400, "That channel is not one this page offers.")
         opted_in = form.get("optin") == "1"
-        address = form.get("address")
-        changed = await run_in_threadpool(
-            self.pages.preferences.set_opt_in, user, channel, address, opted_in
-        )
-        if not changed:
+        row = form.get("row")
+        address = None
+        if _ROW.fullmatch(row):
+            address = await run_in_threadpool(
+                self.pages.preferences.set_opt_in, user, channel, int(row), opted_in
+            )
+        if address is None:
             return self.pages.error(request, 404, "That address is not one of yours.")
         logger.info(
             "preference changed channel=%s opted_in=%s", channel.value, "yes" if opted_in else "no"

@@ -1,8 +1,10 @@
 """The preference center's reads and writes, on the SOURCE database (never on the engine).
 
 The page stands in for the application that owns consent: it updates the captured table
-(``UPDATE optin_status SET optin = ?, lastupdate = ? WHERE userid = ? AND phone = ?``), so a
-change travels capture, stream and apply like any other. The columns come from the mapping
+(``UPDATE optin_status SET optin = ?, lastupdate = ? WHERE userid = ? AND rowid = ?``), so a
+change travels capture, stream and apply like any other. A preference is named by its row's
+rowid, so the page never has to send the address back (it shows it masked); the user id in the
+``WHERE`` keeps a user to their own rows. The columns come from the mapping
 rules: each rule on the table with a ``user_id`` column is one preference (SMS, EMAIL, ...).
 """
 
@@ -83,6 +85,8 @@ class Preference:
     address: str
     opted_in: bool | None
     updated: str | None
+    row: int
+    """The rowid of the source row holding it (what the page's form sends back)."""
 
 
 def source_table(settings: Settings) -> SourceTable:
@@ -147,8 +151,8 @@ class PreferenceStore:
         with self._connect() as conn:
             for columns in t.preferences:
                 rows = conn.execute(
-                    f"SELECT {_quote(columns.address)}, {_quote(columns.opt_in)}, {updated} "
-                    f"FROM {_quote(t.table)} WHERE {_quote(t.user_column)} = ? "
+                    f"SELECT {_quote(columns.address)}, {_quote(columns.opt_in)}, {updated}, "
+                    f"rowid FROM {_quote(t.table)} WHERE {_quote(t.user_column)} = ? "
                     f"AND {_quote(columns.address)} IS NOT NULL ORDER BY rowid",
                     (user_id,),
                 ).fetchall()
@@ -158,8 +162,9 @@ class PreferenceStore:
                         str(address),
                         columns.reads(value),
                         None if when is None else str(when),
+                        int(row),
                     )
-                    for address, value, when in rows
+                    for address, value, when, row in rows
                 )
         return found
 
@@ -185,21 +190,25 @@ class PreferenceStore:
             ).fetchall()
         return [str(r[0]) for r in rows]
 
-    def set_opt_in(self, user_id: str, channel: ChannelType, address: str, opted_in: bool) -> bool:
-        """Write the user's choice for one address; False if the user has no such address."""
+    def set_opt_in(
+        self, user_id: str, channel: ChannelType, row: int, opted_in: bool
+    ) -> str | None:
+        """Write the user's choice for the address in ``row``; return that address, or None
+        if the user has no such row or it holds no address for ``channel``."""
         t = self.table
         columns = next((c for c in t.preferences if c.channel is channel), None)
         if columns is None:
-            return False
+            return None
         assignments = f"{_quote(columns.opt_in)} = ?"
         values: list[object] = [columns.writes(opted_in)]
         if t.updated_column:
             assignments += f", {_quote(t.updated_column)} = ?"
             values.append(iso_now())
         with self._connect() as conn:
-            cursor = conn.execute(
+            changed = conn.execute(
                 f"UPDATE {_quote(t.table)} SET {assignments} "
-                f"WHERE {_quote(t.user_column)} = ? AND {_quote(columns.address)} = ?",
-                (*values, user_id, address),
-            )
-            return cursor.rowcount > 0
+                f"WHERE {_quote(t.user_column)} = ? AND rowid = ? "
+                f"AND {_quote(columns.address)} IS NOT NULL RETURNING {_quote(columns.address)}",
+                (*values, user_id, row),
+            ).fetchone()
+        return None if changed is None else str(changed[0])
