@@ -6,10 +6,14 @@ usage or configuration (one readable line).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import shutil
+import socket
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -34,21 +38,22 @@ from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
 from optsync.config import (
     LOOPBACK_HOSTS,
     ApiSettings,
+    SegmentSettings,
     Settings,
     SourceSettings,
     load_or_create_credentials,
     load_settings,
 )
 from optsync.console import console_context, create_console
-from optsync.engine.models import ChannelType
-from optsync.engine.segments import definition_from_wire
-from optsync.engine.store import EndpointStore
+from optsync.engine.models import App, ChannelType
+from optsync.engine.segments import definition_from_wire, definition_to_wire
+from optsync.engine.store import EndpointStore, Segment
 from optsync.errors import ConfigError, Fatal
 from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.runtime import tune_gc
-from optsync.status import read_status, to_prometheus
+from optsync.status import describe_capture, read_status, to_prometheus
 from optsync.stream.base import Checkpoint
 
 __all__ = ("main",)
@@ -57,6 +62,22 @@ logger = logging.getLogger("optsync")
 console = Console()
 
 SAMPLE_SEGMENT = "US-Segment"
+SAMPLE_SEGMENTS = (
+    SegmentSettings(
+        SAMPLE_SEGMENT,
+        definition_from_wire(
+            {
+                "Name": SAMPLE_SEGMENT,
+                "Dimensions": {
+                    "Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}
+                },
+            },
+            require_name=True,
+        ),
+    ),
+)
+DATA_DIR_HELP = "Data folder [default: ./optsync-data, or OPTSYNC_DATA_DIR]."
+CONFIG_HELP = "The TOML config file (see examples/)."
 SAMPLE_RULE = MappingRule(
     table=SAMPLE_TABLE,
     channel=ChannelType.SMS,
@@ -77,8 +98,11 @@ def cli() -> None:
 # shared pieces
 
 
-def _verifier(settings: Settings, insecure_no_auth: bool) -> SignatureVerifier | None:
-    """Signature checking for the API; prints where the credentials are."""
+def _verifier(
+    settings: Settings, insecure_no_auth: bool
+) -> tuple[SignatureVerifier | None, list[str]]:
+    """Signature checking for the API, and the banner lines saying where the credentials are
+    (printed with the rest of the banner, once the start has succeeded)."""
     if insecure_no_auth:
         if settings.api.host not in LOOPBACK_HOSTS:
             raise ConfigError(
@@ -86,28 +110,87 @@ def _verifier(settings: Settings, insecure_no_auth: bool) -> SignatureVerifier |
                 "or configure OPTSYNC_API_CREDENTIALS"
             )
         logger.warning("authentication is OFF (--insecure-no-auth): any local process may write")
-        return None
+        return None, []
     credentials = dict(settings.api.credentials)
     if credentials:
-        click.echo("API credentials: from OPTSYNC_API_CREDENTIALS / the config file")
-    else:
-        credentials, created = load_or_create_credentials(settings.data_dir)
-        where = settings.data_dir / "credentials"
-        click.echo(f"API credentials ({'created in' if created else 'from'} {where}):")
-        for key_id, secret in credentials.items():
-            click.echo(f"  aws_access_key_id={key_id}\n  aws_secret_access_key={secret}")
-    return SignatureVerifier(credentials)
+        return SignatureVerifier(credentials), [
+            "API credentials: from OPTSYNC_API_CREDENTIALS / the config file"
+        ]
+    credentials, created = load_or_create_credentials(settings.data_dir)
+    where = settings.data_dir / "credentials"
+    lines = [f"API credentials ({'created in' if created else 'from'} {where}):"]
+    for key_id, secret in credentials.items():
+        lines.append(f"  aws_access_key_id={key_id}\n  aws_secret_access_key={secret}")
+    return SignatureVerifier(credentials), lines
+
+
+def _listen_text(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _listener(api: ApiSettings) -> socket.socket:
+    """A socket listening on the API's address, or a ConfigError naming ``--port`` and
+    ``OPTSYNC_API_LISTEN`` (exit 2, not uvicorn's late ``[Errno 98]`` and exit 3)."""
+    family = socket.AF_INET6 if ":" in api.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR as uvicorn sets it: a port whose old connections linger in TIME_WAIT is
+        # free; one another process listens on is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((api.host, api.port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise _listen_error(api, exc) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_error(api: ApiSettings, exc: OSError) -> ConfigError:
+    where = _listen_text(api.host, api.port)
+    if exc.errno != errno.EADDRINUSE:
+        return ConfigError(
+            f"cannot listen on {where} ({exc.strerror}): pick another address with --host and "
+            "--port (or OPTSYNC_API_LISTEN=HOST:PORT)"
+        )
+    other = _free_port_near(api.host, api.port)
+    return ConfigError(
+        f"{where} is already in use: pick another with --port {other} "
+        f"(or OPTSYNC_API_LISTEN={_listen_text(api.host, other)})"
+    )
+
+
+def _free_port_near(host: str, port: int) -> int:
+    """The first port after ``port`` that is free on ``host`` (``port + 1`` if none is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for candidate in range(port + 1, min(port + 100, 65536)):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, candidate))
+            except OSError:
+                continue
+            return candidate
+    return port + 1 if port < 65535 else port - 1
+
+
+def _check_listen(api: ApiSettings) -> None:
+    """Refuse a taken address before anything is created, printed or snapshotted."""
+    _listener(api).close()
 
 
 def _serve(
     settings: Settings,
     store: EndpointStore,
     verifier: SignatureVerifier | None,
+    listener: socket.socket,
     pipeline: Pipeline | None = None,
     prefs: ASGIApp | None = None,
 ) -> None:
-    """Run the API (console at /console, preference center at /prefs if given) until Ctrl-C or
-    until the pipeline fails."""
+    """Run the API (console at /console, preference center at /prefs if given) on
+    ``listener`` (from ``_listener``) until Ctrl-C or until the pipeline fails."""
     metrics = None
     if pipeline is not None:
 
@@ -148,7 +231,17 @@ def _serve(
                 time.sleep(0.2)
 
         threading.Thread(target=watch, name="watch", daemon=True).start()
-    server.run()
+    try:
+        server.run(sockets=[listener])
+    except SystemExit as exc:  # uvicorn's start-up failure (3): not one of our exit codes
+        if exc.code in (0, None):
+            raise
+        raise Fatal(
+            f"the API server on {_listen_text(settings.api.host, settings.api.port)} could not "
+            "start: the log above says why"
+        ) from None
+    finally:
+        listener.close()
 
 
 @contextmanager
@@ -187,11 +280,14 @@ def _run_pipeline(
                 break
     try:
         pipeline.check()
+        # Bound by us before the banner, not by uvicorn after it: a port taken since the check
+        # at start (a race) is the same one-line error and exit 2, not [Errno 98] and exit 3.
+        listener = _listener(settings.api) if settings.serve_api else None
         for line in banner:
             click.echo(line)
-        if settings.serve_api:
+        if listener is not None:
             assert store is not None
-            _serve(settings, store, verifier, pipeline, prefs)
+            _serve(settings, store, verifier, listener, pipeline, prefs)
         else:
             while pipeline.failure is None:
                 time.sleep(0.2)
@@ -202,24 +298,51 @@ def _run_pipeline(
         pipeline.stop()
 
 
-def _prepare_sample(store: EndpointStore, settings: Settings) -> None:
-    """The sample's app with SMS enabled and its US-Segment (Country US)."""
+def _prepare_app(store: EndpointStore, settings: Settings) -> App:
+    """The pipeline's app with ``[engine] channels`` enabled and every ``[[segment]]`` made.
+
+    Idempotent: a channel enabled already is not written (its version stays), and a segment
+    whose definition is the configured one gets no new version; one that differs gets a new
+    version with the configured definition (the config file owns what it declares).
+    """
     app = ensure_app(store, settings.app)
-    store.put_channel(app.id, ChannelType.SMS, True, {})
-    names = {s.definition.name for s in store.list_segments(app.id, 1000, None).items}
-    if SAMPLE_SEGMENT not in names:
-        store.create_segment(
-            app.id,
-            definition_from_wire(
-                {
-                    "Name": SAMPLE_SEGMENT,
-                    "Dimensions": {
-                        "Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}
-                    },
-                },
-                require_name=True,
-            ),
-        )
+    enabled = {c.channel_type for c in store.list_channels(app.id) if c.enabled}
+    for channel in settings.channels:
+        if channel not in enabled:
+            store.put_channel(app.id, channel, True, {})
+            logger.info("channel enabled app=%s channel=%s", settings.app, channel.value)
+    if settings.segments:
+        existing: dict[str | None, Segment] = {}
+        for segment in _segments_of(store, app.id):
+            existing.setdefault(segment.definition.name, segment)
+        for wanted in settings.segments:
+            found = existing.get(wanted.name)
+            if found is None:
+                created = store.create_segment(app.id, wanted.definition)
+                # Several apply processes may start at once: the oldest segment of the name
+                # stays, and one that lost the race deletes its own (as ``ensure_app`` does).
+                same = [s for s in _segments_of(store, app.id) if s.definition.name == wanted.name]
+                oldest = min(same, key=lambda s: (s.creation_date, s.id), default=created)
+                if oldest.id != created.id:
+                    store.delete_segment(app.id, created.id)
+                else:
+                    logger.info("segment created app=%s segment=%s", settings.app, wanted.name)
+            elif definition_to_wire(found.definition) != definition_to_wire(wanted.definition):
+                store.update_segment(app.id, found.id, wanted.definition)
+                logger.info(
+                    "segment updated from the config app=%s segment=%s", settings.app, wanted.name
+                )
+    return app
+
+
+def _segments_of(store: EndpointStore, app_id: str) -> Iterator[Segment]:
+    token: str | None = None
+    while True:
+        page = store.list_segments(app_id, 1000, token)
+        yield from page.items
+        if page.next_token is None:
+            return
+        token = page.next_token
 
 
 def _me() -> str:
@@ -234,6 +357,8 @@ def _sample_settings(data_dir: Path, host: str, port: int, base: Settings) -> Se
         api=ApiSettings(host=host, port=port, credentials=base.api.credentials),
         source=SourceSettings(url=f"sqlite:///{data_dir / 'app.db'}", tables=(SAMPLE_TABLE,)),
         mappings=(SAMPLE_RULE,),
+        channels=(ChannelType.SMS,),
+        segments=SAMPLE_SEGMENTS,
         serve_api=True,
     )
 
@@ -243,10 +368,22 @@ def _sample_settings(data_dir: Path, host: str, port: int, base: Settings) -> Se
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML file.")
-@click.option("--host", help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=click.IntRange(1, 65535), help="Port [default: 8080].")
-@click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option(
+    "--host",
+    help="Address to listen on [default: OPTSYNC_API_LISTEN or [api] listen, else 127.0.0.1].",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port [default: OPTSYNC_API_LISTEN or [api] listen, else 8080].",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    help="Data folder; a new, empty engine is created there if it has none "
+    "[default: ./optsync-data, or OPTSYNC_DATA_DIR].",
+)
 @click.option("--insecure-no-auth", is_flag=True, help="Accept unsigned requests (loopback only).")
 def serve(
     config_path: Path | None,
@@ -258,6 +395,9 @@ def serve(
     """Serve the engine through Pinpoint's REST API (boto3 works with endpoint_url).
 
     Needs only the engine ([engine] url): run several behind one address for availability.
+    A SQLite engine must exist already (made by `optsync up`, `run` or `apply`), unless
+    --data-dir names the folder explicitly: then a new, empty engine is created in it. A
+    PostgreSQL engine is checked when it is opened.
     """
     base = load_settings(config_path)
     settings = dataclasses.replace(
@@ -270,37 +410,76 @@ def serve(
             console_secret=base.api.console_secret,
         ),
     )
-    verifier = _verifier(settings, insecure_no_auth)
+    _check_listen(settings.api)
+    if data_dir is None or settings.engine_url is not None:
+        require_data(settings)
     store = open_store(settings)
-    click.echo(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
-    click.echo(f"Console on http://{settings.api.host}:{settings.api.port}/console")
     try:
-        _serve(settings, store, verifier)
+        verifier, lines = _verifier(settings, insecure_no_auth)
+        listener = _listener(settings.api)
+        for line in lines:
+            click.echo(line)
+        click.echo(f"Pinpoint API on http://{settings.api.host}:{settings.api.port}")
+        click.echo(f"Console on http://{settings.api.host}:{settings.api.port}/console")
+        _serve(settings, store, verifier, listener)
     finally:
         store.close()
 
 
+def _try_out_lines(app_db: Path) -> list[str]:
+    """What to type to see a change flow through: opt out a user who is opted in now, or opt
+    one in when every user is opted out already."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{app_db}?mode=ro", uri=True)) as conn:
+            row = conn.execute(
+                f"SELECT userid, optin FROM {SAMPLE_TABLE} WHERE userid IS NOT NULL "
+                "ORDER BY optin = 0, length(userid), userid LIMIT 1"
+            ).fetchone()
+    except sqlite3.Error:
+        row = None
+    if row is None:
+        return [f"Add a user to {SAMPLE_TABLE} in {app_db} and watch the segment change:"]
+    userid, optin = str(row[0]).replace("'", "''"), row[1]
+    if optin in (0, "0"):
+        return [
+            "Every user is opted out now. Opt one back in, in another terminal:",
+            f"  sqlite3 {app_db} \"UPDATE {SAMPLE_TABLE} SET optin = 1 WHERE userid = '{userid}'\"",
+        ]
+    return [
+        f"Opt {row[0]} out in the application database, in another terminal:",
+        f"  sqlite3 {app_db} \"UPDATE {SAMPLE_TABLE} SET optin = 0 WHERE userid = '{userid}'\"",
+    ]
+
+
 @cli.command()
-@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("optsync-data"),
-              show_default=True)  # fmt: skip
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), help=DATA_DIR_HELP)
+@click.option("--host", help="Address to listen on [default: 127.0.0.1, or OPTSYNC_API_LISTEN].")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port to listen on [default: 8080, or OPTSYNC_API_LISTEN].",
+)
 @click.option(
     "--prefs/--no-prefs",
     default=True,
-    show_default=True,
-    help="Serve the sample preference center (the demo app) at /prefs.",
+    help="Serve the sample preference center (the demo app) at /prefs [default: --prefs].",
 )
-def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
+def up(data_dir: Path | None, host: str | None, port: int | None, prefs: bool) -> None:
     """Everything from one command on embedded parts, seeded with the AWS sample's nine users."""
-    settings = _sample_settings(data_dir, host, port, load_settings(None))
+    base = load_settings(None)
+    data_dir = data_dir or base.data_dir
+    host = host or base.api.host
+    port = port or base.api.port
+    settings = _sample_settings(data_dir, host, port, base)
+    _check_listen(settings.api)
     app_db = data_dir / "app.db"
     created = create_sample_database(app_db)
     store = open_store(settings)
     try:
-        _prepare_sample(store, settings)
-        verifier = _verifier(settings, insecure_no_auth=False)
+        _prepare_app(store, settings)
+        verifier, credentials = _verifier(settings, insecure_no_auth=False)
         banner = [
+            *credentials,
             f"{'Created' if created else 'Using'} the source database {app_db} "
             f"(table {SAMPLE_TABLE}).",
             f"Pinpoint API on http://{host}:{port}  (app {settings.app!r}, segment "
@@ -308,8 +487,7 @@ def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
             f"Console on http://{host}:{port}/console  (sign in with the API key pair)",
             *([f"Preference center (sample app) on http://{host}:{port}/prefs"] if prefs else []),
             "",
-            "Opt user1 out in the application database, in another terminal:",
-            f"  sqlite3 {app_db} \"UPDATE {SAMPLE_TABLE} SET optin = 0 WHERE userid = 'user1'\"",
+            *_try_out_lines(app_db),
             "and watch the segment's eligible count change:",
             f"  {_me()} status --data-dir {data_dir}",
             "",
@@ -321,25 +499,50 @@ def up(data_dir: Path, host: str, port: int, prefs: bool) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
+@click.option("--host", help="Address the API listens on [default: [api] listen].")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port [default: [api] listen].")
 @click.option("--insecure-no-auth", is_flag=True, help="Accept unsigned requests (loopback only).")
 @click.option(
     "--prefs", is_flag=True, help="Serve the sample preference center at /prefs (needs [api])."
 )
-def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
-    """The pipeline from a config file; serves the API too when the file has [api]."""
+def run(
+    config_path: Path, host: str | None, port: int | None, insecure_no_auth: bool, prefs: bool
+) -> None:
+    """The pipeline from a config file; serves the API too when the file has [api].
+
+    At start, the app gets the channels of [engine] channels and the segments of [[segment]]
+    when it lacks them; nothing is written when they are as configured (a segment whose
+    definition differs from the file's gets a new version).
+    """
     settings = load_settings(config_path)
-    if settings.source is None:
+    source = settings.source
+    if source is None:
         raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
     if prefs and not settings.serve_api:
         raise ConfigError(f"{config_path}: --prefs needs an [api] table: the page is served there")
+    if (host or port) and not settings.serve_api:
+        raise ConfigError(f"{config_path}: --host/--port need an [api] table: nothing listens")
+    settings = dataclasses.replace(
+        settings,
+        api=dataclasses.replace(
+            settings.api, host=host or settings.api.host, port=port or settings.api.port
+        ),
+    )
+    if settings.serve_api:
+        _check_listen(settings.api)
     prefs_app = create_prefcenter(prefs_context(settings)) if prefs else None
     store = open_store(settings)
     try:
-        ensure_app(store, settings.app)
-        verifier = _verifier(settings, insecure_no_auth) if settings.serve_api else None
+        _prepare_app(store, settings)
+        verifier, credentials = (
+            _verifier(settings, insecure_no_auth) if settings.serve_api else (None, [])
+        )
         banner = [
-            f"Capturing {settings.source.redacted_url} tables {', '.join(settings.source.tables)}"
+            *credentials,
+            f"Capturing {source.redacted_url} tables {', '.join(source.tables)}",
         ]
         if settings.serve_api:
             url = f"http://{settings.api.host}:{settings.api.port}"
@@ -352,7 +555,9 @@ def run(config_path: Path, insecure_no_auth: bool, prefs: bool) -> None:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
 @click.option("--resnapshot", is_flag=True, help="Forget the saved position; snapshot again.")
 @click.option("--drop-slot", is_flag=True, help="PostgreSQL: drop the replication slot and exit.")
 @click.option(
@@ -422,7 +627,9 @@ def _stream_text(settings: Settings) -> str:
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), required=True, help=CONFIG_HELP
+)
 def apply(config_path: Path) -> None:
     """Run only the apply stage: the stream into the engine (never opens the source).
 
@@ -437,6 +644,7 @@ def apply(config_path: Path) -> None:
         )
     store = open_store(settings)
     try:
+        _prepare_app(store, settings)
         _run_pipeline(
             dataclasses.replace(settings, serve_api=False),
             store,
@@ -455,13 +663,13 @@ def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
     if config_path is not None:
         settings = load_settings(config_path)
         return dataclasses.replace(settings, data_dir=data_dir) if data_dir else settings
-    data_dir = data_dir or Path("optsync-data")
-    return _sample_settings(data_dir, "127.0.0.1", 8080, load_settings(None))
+    base = load_settings(None)
+    return _sample_settings(data_dir or base.data_dir, base.api.host, base.api.port, base)
 
 
 @cli.command()
-@click.option("--config", "config_path", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path), help="[default: ./optsync-data]")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), help=DATA_DIR_HELP)
 def status(config_path: Path | None, data_dir: Path | None) -> None:
     """Positions, lag per stage, DLQ size and segment estimates."""
     settings = require_data(_settings_for(config_path, data_dir))
@@ -474,13 +682,8 @@ def status(config_path: Path | None, data_dir: Path | None) -> None:
     table.add_column("stage")
     table.add_column("position")
     table.add_column("lag")
-    state = report.capture_state or {}
-    log = state.get("log")
-    if isinstance(log, dict):  # MySQL/MariaDB: a GTID position or file:pos
-        capture_pos = log.get("gtid") or f"{log.get('file')}:{log.get('pos')}"
-    else:
-        capture_pos = state.get("log_after", state.get("phase", "not started"))
-    table.add_row("capture", f"{state.get('phase', '-')} {capture_pos}", "-")
+    for name, state in report.captures or (("", {}),):
+        table.add_row(f"capture {name}".strip(), describe_capture(state), "-")
     table.add_row("stream", f"head {report.stream_head}", "-")
     table.add_row(
         "apply",
@@ -503,8 +706,8 @@ def dlq() -> None:
 
 
 @dlq.command("list")
-@click.option("--config", "config_path", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), help=DATA_DIR_HELP)
 @click.option("--all", "include_replayed", is_flag=True, help="Include replayed entries.")
 def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: bool) -> None:
     """List dead letters (id, stream offset, reason)."""
@@ -529,8 +732,8 @@ def dlq_list(config_path: Path | None, data_dir: Path | None, include_replayed: 
 
 
 @dlq.command("replay")
-@click.option("--config", "config_path", type=click.Path(path_type=Path))
-@click.option("--data-dir", type=click.Path(path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--data-dir", type=click.Path(path_type=Path), help=DATA_DIR_HELP)
 @click.argument("ids", nargs=-1, type=int)
 def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, ...]) -> None:
     """Run dead letters (all, or the given ids) through mapping and engine again."""
@@ -552,17 +755,20 @@ def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, 
 
 
 @cli.command()
-@click.option("--keep", is_flag=True, help="Keep the temporary data folder and print it.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Keep the temporary data folder (source database, engine, stream) and print its path, "
+    "to look at it afterwards with `optsync status --data-dir PATH`; without it the folder is "
+    "deleted.",
+)
 def demo(keep: bool) -> None:
     """The AWS blog's walkthrough, scripted: 9 users in, 4 opt out, then a fifth."""
-    import sqlite3  # noqa: PLC0415 - only the demo writes to the source directly
-
     workdir = Path(tempfile.mkdtemp(prefix="optsync-demo-"))
     settings = _sample_settings(workdir, "127.0.0.1", 0, load_settings(None, env={}))
     create_sample_database(workdir / "app.db")
     store = open_store(settings)
-    _prepare_sample(store, settings)
-    app = ensure_app(store, settings.app)
+    app = _prepare_app(store, settings)
     segment = next(
         s for s in store.list_segments(app.id, 1000, None).items
         if s.definition.name == SAMPLE_SEGMENT

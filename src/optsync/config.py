@@ -29,11 +29,13 @@ from optsync.apply.mapping import MappingRule
 from optsync.engine.endpoints import CountryDerivation
 from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
+from optsync.engine.segments import SegmentDefinition, definition_from_wire
 from optsync.engine.sql import StoreSettings
-from optsync.errors import ConfigError
+from optsync.errors import ConfigError, InvalidRequest
 
 __all__ = (
     "ApiSettings",
+    "SegmentSettings",
     "Settings",
     "SourceSettings",
     "StreamSettings",
@@ -103,6 +105,15 @@ def _sqlite_path(url: str, key: str) -> Path:
     return Path(url.split(":///", 1)[1])
 
 
+@dataclass(frozen=True)
+class SegmentSettings:
+    """A ``[[segment]]`` of the config: made in the pipeline's app at start if missing."""
+
+    name: str
+    definition: SegmentDefinition
+    """Pinpoint's WriteSegmentRequest (``Dimensions`` or ``SegmentGroups``), validated."""
+
+
 STREAM_SCHEMES = ("embedded", "nats")
 ENGINE_SCHEMES = ("sqlite", "postgresql", "postgres")
 
@@ -143,6 +154,10 @@ class Settings:
     source: SourceSettings | None = None
     stream: StreamSettings = field(default_factory=StreamSettings)
     mappings: tuple[MappingRule, ...] = ()
+    channels: tuple[ChannelType, ...] = ()
+    """Channels enabled in the app at start (``[engine] channels``)."""
+    segments: tuple[SegmentSettings, ...] = ()
+    """Segments made in the app at start when missing (``[[segment]]``)."""
     serve_api: bool = True
     """Serve the API in ``optsync run`` (true when the file has an [api] table)."""
 
@@ -257,6 +272,8 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     derive = _typed(engine, "derive_country", bool, "[engine] ")
     engine_url = _engine_url(engine, env)
     app = _typed(engine, "app", str, "[engine] ") or "optin-demo"
+    channels = _channels(engine)
+    segments = _segments(doc)
     source = _source(doc, env)
     stream = _stream(doc, env)
     mappings = _mappings(doc, policy)
@@ -280,13 +297,15 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         source=source,
         stream=stream,
         mappings=mappings,
+        channels=channels,
+        segments=segments,
         serve_api="api" in doc,
     )
 
 
-_TOP_KEYS = ("data_dir", "source", "stream", "engine", "api", "mapping")
+_TOP_KEYS = ("data_dir", "source", "stream", "engine", "api", "mapping", "segment")
 _API_KEYS = ("listen", "credentials", "console_secret")
-_ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country")
+_ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country", "channels")
 _STREAM_KEYS = ("url", "name", "partitions", "replicas")
 
 
@@ -299,6 +318,85 @@ def _refuse_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str
                 "remove it; "
                 f"known: {', '.join(known)}"
             )
+
+
+def _channels(engine: Mapping[str, Any]) -> tuple[ChannelType, ...]:
+    raw = engine.get("channels", [])
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise ConfigError('[engine] channels must list channel types, e.g. ["SMS"]')
+    channels: list[ChannelType] = []
+    for name in raw:
+        try:
+            channel = ChannelType(name.upper())
+        except ValueError:
+            raise ConfigError(
+                f"[engine] channels: {name!r} is no channel type; use "
+                f"{', '.join(c.value for c in ChannelType)}"
+            ) from None
+        if channel not in channels:
+            channels.append(channel)
+    return tuple(channels)
+
+
+_SEGMENT_KEYS = ("name", "definition", "country")
+
+
+def _segments(doc: Mapping[str, Any]) -> tuple[SegmentSettings, ...]:
+    raw = doc.get("segment", [])
+    if not isinstance(raw, list):
+        raise ConfigError(
+            "[[segment]] must be an array of tables: write [[segment]], not [segment]"
+        )
+    segments: list[SegmentSettings] = []
+    for i, item in enumerate(raw):
+        where = f"[[segment]] #{i + 1} "
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}must be a table of keys (name, definition or country)")
+        _refuse_unknown(item, _SEGMENT_KEYS, where)
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f'{where}needs name = "..." (the segment\'s name in the app)')
+        where = f"[[segment]] {name!r} "
+        if any(s.name == name for s in segments):
+            raise ConfigError(f"{where}is declared twice: give each segment its own name")
+        if ("definition" in item) == ("country" in item):
+            raise ConfigError(
+                f'{where}needs either country = "US" or definition = {{Dimensions = ...}} '
+                "(Pinpoint's segment JSON), one of the two"
+            )
+        if "country" in item:
+            countries = item["country"]
+            if isinstance(countries, str):
+                countries = [countries]
+            if (
+                not isinstance(countries, list)
+                or not countries
+                or not all(isinstance(c, str) and c for c in countries)
+            ):
+                raise ConfigError(f'{where}country must be a country code, e.g. "US", or a list')
+            wire: dict[str, Any] = {
+                "Dimensions": {
+                    "Location": {
+                        "Country": {"DimensionType": "INCLUSIVE", "Values": list(countries)}
+                    }
+                }
+            }
+        else:
+            wire = item["definition"]
+            if not isinstance(wire, dict):
+                raise ConfigError(
+                    f"{where}definition must be a table: Pinpoint's segment JSON, e.g. "
+                    '{Dimensions = {Location = {Country = {DimensionType = "INCLUSIVE", '
+                    'Values = ["US"]}}}}'
+                )
+            if "Name" in wire:
+                raise ConfigError(f"{where}definition has Name: the segment's name is name")
+        try:
+            definition = definition_from_wire({**wire, "Name": name}, require_name=True)
+        except InvalidRequest as exc:
+            raise ConfigError(f"{where}definition: {exc}") from None
+        segments.append(SegmentSettings(name=name, definition=definition))
+    return tuple(segments)
 
 
 def _engine_url(engine: Mapping[str, Any], env: Mapping[str, str]) -> str | None:

@@ -187,7 +187,8 @@ class Pipeline:
         try:
             target()
         except ConfigError as exc:  # names the setting and the fix: no traceback needed
-            logger.error(
+            # Not logged as an error: ``check`` re-raises it and the CLI prints it, once.
+            logger.debug(
                 "pipeline stopped thread=%s reason=%s", threading.current_thread().name, exc
             )
             self.failure = exc

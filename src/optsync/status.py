@@ -14,7 +14,7 @@ from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.stream.base import ChangeStream
 
-__all__ = ("SegmentCount", "Status", "read_status", "to_prometheus")
+__all__ = ("SegmentCount", "Status", "describe_capture", "read_status", "to_prometheus")
 
 APPLY_CONSUMER = "apply"
 
@@ -29,7 +29,8 @@ class SegmentCount:
 @dataclass(frozen=True)
 class Status:
     capture_state: dict[str, object] | None
-    """The source checkpoint saved with the stream (phase, positions)."""
+    """The configured source's checkpoint saved with the stream (phase, positions); without a
+    configured one that the stream holds, the only checkpoint the stream holds, if just one."""
     stream_head: int
     apply_offset: int
     """The lowest offset apply has acknowledged over the partitions."""
@@ -40,6 +41,37 @@ class Status:
     dlq_size: int
     endpoints: int
     segments: tuple[SegmentCount, ...]
+    captures: tuple[tuple[str, dict[str, object]], ...] = ()
+    """(source name, checkpoint) of every source the stream holds a checkpoint for."""
+
+
+def _parsed(state: str) -> dict[str, object]:
+    try:
+        value = json.loads(state)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"position": state}
+
+
+def describe_capture(state: dict[str, object] | None) -> str:
+    """A checkpoint as one line: phase and position, in the source's own terms (MySQL/MariaDB:
+    GTID position or binlog file:pos; PostgreSQL: LSN; SQLite: change-table sequence)."""
+    if not state:
+        return "not started"
+    phase = str(state.get("phase", "-"))
+    if phase == "snapshot":
+        table = state.get("table")
+        return f"snapshot {table}" if table else "snapshot"
+    log = state.get("log")
+    if isinstance(log, dict):  # MySQL/MariaDB
+        if log.get("gtid"):
+            return f"{phase} GTID {log['gtid']}"
+        return f"{phase} binlog {log.get('file')}:{log.get('pos')}"
+    if "slot" in state:  # PostgreSQL
+        return f"{phase} LSN {state.get('log_after') or '-'}"
+    if "log_after" in state:  # SQLite
+        return f"{phase} change {state.get('log_after')}"
+    return f"{phase} {state.get('position', '')}".strip()
 
 
 def read_status(
@@ -71,10 +103,13 @@ def read_status(
             ]
             if oldest:
                 lag_seconds = max(0.0, time.time() - min(oldest))
-        checkpoint = None
-        if settings.source is not None:
-            saved = stream.checkpoint(settings.source.source_name)
-            checkpoint = json.loads(saved.state) if saved else None
+        # Every checkpoint, not only the configured source's: `status --data-dir` does not know
+        # which database the folder's pipeline captures.
+        captures = tuple((c.source, _parsed(c.state)) for c in stream.checkpoints())
+        wanted = settings.source.source_name if settings.source is not None else None
+        checkpoint = next((state for name, state in captures if name == wanted), None)
+        if checkpoint is None and len(captures) == 1:
+            checkpoint = captures[0][1]
         app = store.find_app(settings.app)
         segments: list[SegmentCount] = []
         endpoints = 0
@@ -94,6 +129,7 @@ def read_status(
             dlq_size=dlq.count(),
             endpoints=endpoints,
             segments=tuple(segments),
+            captures=captures,
         )
     finally:
         if own_stream:

@@ -285,6 +285,20 @@ def test_checkpoint_is_stored_with_the_events_and_the_latest_wins(stream: Change
     assert len(stream.read("apply", 10)) == 2
 
 
+def test_checkpoints_lists_every_source_with_its_latest(stream: ChangeStream) -> None:
+    """``optsync status --data-dir`` does not know the source's name: it lists them."""
+    assert stream.checkpoints() == []
+    stream.append([change(1, 10)], Checkpoint("mysql", '{"log": {"gtid": "0-1-5"}}'))
+    stream.append([], Checkpoint("postgres", "0/16B3748"))
+    stream.append([], Checkpoint("mysql", '{"log": {"gtid": "0-1-6"}}'))
+    stream.append([], Checkpoint("shop.eu/1 ü", "3"))  # a name that is no plain subject token
+    assert stream.checkpoints() == [
+        Checkpoint("mysql", '{"log": {"gtid": "0-1-6"}}'),
+        Checkpoint("postgres", "0/16B3748"),
+        Checkpoint("shop.eu/1 ü", "3"),
+    ]
+
+
 def test_an_append_that_fails_stores_neither_events_nor_checkpoint(stream: ChangeStream) -> None:
     head = stream.append([change(1, 1)], Checkpoint("mysql", "pos-1"))
     bad = ChangeEvent(

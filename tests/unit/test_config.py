@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 
 from optsync.config import SourceSettings, load_or_create_credentials, load_settings
+from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
+from optsync.engine.segments import definition_from_wire, definition_to_wire
 from optsync.errors import ConfigError
 
 
@@ -125,6 +127,10 @@ def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
         ('[engine]\nstorre = "sqlite"\n', "[engine] has unknown key 'storre'"),
         ('[api]\nlisten_on = "127.0.0.1:1"\n', "[api] has unknown key 'listen_on'"),
         ("[stream]\npartition = 4\n", "[stream] has unknown key 'partition'"),
+        (
+            '[[segment]]\nname = "US"\ncountry = "US"\ncuntry = "CA"\n',
+            "[[segment]] #1 has unknown key 'cuntry'",
+        ),
     ],
 )
 def test_unknown_keys_and_sections_are_refused(tmp_path: Path, text: str, fragment: str) -> None:
@@ -190,3 +196,55 @@ def test_backend_url_errors_name_the_key(tmp_path: Path, text: str, fragment: st
         load_settings(path, env={})
     assert fragment in str(info.value)
     assert "S3cretPW" not in str(info.value)
+
+
+US_DIMENSIONS = {"Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}}
+
+
+def test_segments_and_channels_in_both_forms(tmp_path: Path) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(
+        '[engine]\nchannels = ["sms", "EMAIL", "SMS"]\n\n'
+        '[[segment]]\nname = "US-Segment"\ncountry = "US"\n\n'
+        '[[segment]]\nname = "US-long"\n'
+        'definition = {Dimensions = {Location = {Country = {DimensionType = "INCLUSIVE", '
+        'Values = ["US"]}}}}\n'
+    )
+    settings = load_settings(path, env={})
+    assert settings.channels == (ChannelType.SMS, ChannelType.EMAIL)
+    assert [s.name for s in settings.segments] == ["US-Segment", "US-long"]
+    wanted = definition_from_wire({"Name": "x", "Dimensions": US_DIMENSIONS}, require_name=True)
+    for segment in settings.segments:
+        assert segment.definition.name == segment.name
+        assert definition_to_wire(segment.definition) == definition_to_wire(wanted)
+    assert load_settings(None, env={}).segments == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ('[[segment]]\ncountry = "US"\n', "needs name"),
+        ('[[segment]]\nname = "A"\n', "needs either country"),
+        (
+            '[[segment]]\nname = "A"\ncountry = "US"\ndefinition = {Dimensions = {}}\n',
+            "needs either country",
+        ),
+        (
+            '[[segment]]\nname = "A"\ncountry = "US"\n[[segment]]\nname = "A"\ncountry = "CA"\n',
+            "declared twice",
+        ),
+        ('[segment]\nname = "A"\n', "write [[segment]], not [segment]"),
+        (
+            '[[segment]]\nname = "A"\ndefinition = {Dimensions = {Location = 3}}\n',
+            "[[segment]] 'A' definition: ",
+        ),
+        ('[engine]\nchannels = ["SMSS"]\n', "'SMSS' is no channel type"),
+        ('[engine]\nchannels = "SMS"\n', "[engine] channels must list"),
+    ],
+)
+def test_segment_and_channel_errors_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env={})
+    assert fragment in str(info.value)

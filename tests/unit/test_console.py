@@ -646,7 +646,7 @@ def test_the_pipeline_page_shows_stages_and_replays_dead_letters(
         client.sign_in()
         page = client.get("/console/pipeline")
         text = re.sub(r"\s+", " ", page.text)
-        assert "log, after source change 17" in text
+        assert "log change 17" in text
         assert "2 events, 0.25 s" in text
         assert "invalid phone number" in text and "rowid:4" in text
         assert "Replay all" in text
@@ -703,3 +703,40 @@ def test_the_api_keeps_every_other_path(client: Client) -> None:
     assert near_miss.status_code == 404
     assert near_miss.headers["x-amzn-ErrorType"] == "NotFoundException"
     assert client.get("/console").status_code in (303, 307)
+
+
+@pytest.mark.parametrize(
+    ("state", "shown"),
+    [
+        ({"phase": "log", "log": {"gtid": "0-1-57", "file": "b.000002", "pos": 4}}, "GTID 0-1-57"),
+        ({"phase": "log", "log": {"gtid": None, "file": "b.000002", "pos": 4}}, "b.000002:4"),
+        ({"phase": "log", "slot": "optsync_postgres", "log_after": "0/16B3748"}, "LSN 0/16B3748"),
+        ({"phase": "snapshot", "table": "blog_db.optin_status"}, "snapshot blog_db.optin_status"),
+        ({"phase": "snapshot", "table": "optin_status", "after_rowid": 40}, "after row 40"),
+    ],
+)
+def test_the_pipeline_page_shows_each_source_in_its_own_terms(
+    store: SQLiteStore, state: dict[str, object], shown: str
+) -> None:
+    """Found in review: a MySQL or PostgreSQL source read "after source change ?" here."""
+    status = Status(
+        capture_state=state,
+        stream_head=0,
+        apply_offset=0,
+        lag_events=0,
+        lag_seconds=0.0,
+        dlq_size=0,
+        endpoints=0,
+        segments=(),
+    )
+    context = ConsoleContext(
+        store=store, credentials=CREDENTIALS, secret="s" * 40, status=lambda: status
+    )
+    client = make_client(context)
+    try:
+        client.sign_in()
+        text = re.sub(r"\s+", " ", client.get("/console/pipeline").text)
+        assert shown in text
+        assert "?" not in text.split("capture", 1)[1][:80]
+    finally:
+        client.close()

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import ConsoleError, Pages
 from optsync.console.web import checked_form, redirect
-from optsync.status import Status
+from optsync.status import Status, describe_capture
 
 __all__ = ("PipelineViews", "Rates", "StageRow", "ThroughputMeter", "stage_rows")
 
@@ -76,13 +76,12 @@ def _rate(value: float | None) -> str:
 
 
 def _capture_position(state: dict[str, object] | None) -> str:
-    if not state:
-        return "not started"
-    phase = state.get("phase", "?")
-    if phase == "snapshot":
-        table = state.get("table") or "-"
-        return f"snapshot of {table}, after row {state.get('after_rowid', 0)}"
-    return f"log, after source change {state.get('log_after', '?')}"
+    """The source's position in its own terms (``status.describe_capture``, as ``optsync
+    status`` prints it), with a SQLite snapshot's progress."""
+    text = describe_capture(state)
+    if state and state.get("phase") == "snapshot" and "after_rowid" in state:
+        text += f", after row {state['after_rowid']}"
+    return text
 
 
 def stage_rows(status: Status, rates: Rates) -> list[StageRow]:

@@ -117,6 +117,11 @@ class ChangeStream(ABC):
         """The last checkpoint stored for ``source``."""
 
     @abstractmethod
+    def checkpoints(self) -> list[Checkpoint]:
+        """The last checkpoint of every source the stream holds one for, by source name (a
+        reader that does not know the source's name, e.g. ``optsync status --data-dir``)."""
+
+    @abstractmethod
     def read(
         self,
         consumer: str,

@@ -255,6 +255,16 @@ class EmbeddedStream(ChangeStream):
             )
         return None if row is None else Checkpoint(source, row[0])
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every source's last checkpoint, by source name."""
+        with self._sqlite_errors("checkpoint read"):
+            rows = (
+                self._conn()
+                .execute("SELECT source, state FROM checkpoints ORDER BY source")
+                .fetchall()
+            )
+        return [Checkpoint(source, state) for source, state in rows]
+
     def read(
         self,
         consumer: str,

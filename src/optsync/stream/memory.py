@@ -85,6 +85,12 @@ class MemoryStream(ChangeStream):
             self._check_open()
             return self._checkpoints.get(source)
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every source's last checkpoint, by source name."""
+        with self._changed:
+            self._check_open()
+            return [self._checkpoints[s] for s in sorted(self._checkpoints)]
+
     def read(
         self,
         consumer: str,

@@ -312,6 +312,16 @@ class NatsStream(ChangeStream):
             return None
         return Checkpoint(source, entry.value.decode())
 
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every source's last checkpoint, by source name."""
+        entries = self._run(self._scan("s.*"), self._timeout * 4 + 1)
+        found = [
+            Checkpoint(_untoken(key[2:]), entry.value.decode())
+            for key, entry in entries.items()
+            if entry.value is not None
+        ]
+        return sorted(found, key=lambda c: c.source)
+
     def read(
         self,
         consumer: str,
