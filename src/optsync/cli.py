@@ -195,7 +195,10 @@ def _serve(
     if pipeline is not None:
 
         def metrics() -> str:
-            return to_prometheus(read_status(settings, store, pipeline.stream, pipeline.dlq))
+            found = read_status(settings, store, pipeline.stream, pipeline.dlq)
+            return to_prometheus(
+                dataclasses.replace(found, capture_waiting=pipeline.capture_waiting)
+            )
 
     console_app = create_console(
         console_context(
@@ -204,6 +207,7 @@ def _serve(
             pipeline=pipeline is not None,
             stream=None if pipeline is None else pipeline.stream,
             dlq=None if pipeline is None else pipeline.dlq,
+            capture_waiting=None if pipeline is None else (lambda: pipeline.capture_waiting),
         )
     )
     mounts = {"/console": console_app}
@@ -275,9 +279,15 @@ def _run_pipeline(
 
         pipeline = Pipeline(settings, store, progress=progress, stages=stages)
         pipeline.start()
-        while not pipeline.snapshot_done.wait(0.1):
-            if pipeline.failure is not None:
-                break
+        try:
+            # Serve as soon as the snapshot is taken, or at once while the source cannot be
+            # reached (capture keeps trying; status and console say "waiting for source").
+            while not pipeline.snapshot_done.wait(0.1):
+                if pipeline.failure is not None or pipeline.capture_waiting is not None:
+                    break
+        except KeyboardInterrupt:
+            pipeline.stop()
+            return
     try:
         pipeline.check()
         # Bound by us before the banner, not by uvicorn after it: a port taken since the check

@@ -142,6 +142,9 @@ class Pipeline:
             raise
         self.failure: BaseException | None = None
         self.snapshot_done = threading.Event()
+        self.capture_waiting: str | None = None
+        """Why capture cannot read the source right now (it retries with backoff); None when
+        it reads."""
         self.capture_pid: int | None = None
         """The capture process's id while it runs (None: capture runs in a thread, or not)."""
         self._stop = threading.Event()
@@ -207,7 +210,11 @@ class Pipeline:
             self.snapshot_done.set,
             self.progress,
             self.settings.mappings,
+            self._note_waiting,
         )
+
+    def _note_waiting(self, reason: str | None) -> None:
+        self.capture_waiting = reason
 
     def _capture_child(self) -> None:
         """Capture in a child process; relays its logs, progress, snapshot switch and failure."""
@@ -256,6 +263,8 @@ class Pipeline:
                 self.progress(*payload)
             elif kind == "log-phase":
                 self.snapshot_done.set()
+            elif kind == "waiting":
+                self.capture_waiting = payload[0]
             elif kind == "failed":
                 raise payload[0]
 
@@ -311,19 +320,26 @@ def capture(
     on_log_phase: Callable[[], None],
     progress: Progress | None = None,
     rules: Sequence[MappingRule] = (),
+    on_waiting: Callable[[str | None], None] | None = None,
 ) -> None:
     """Capture ``source`` into ``stream`` until ``stop``; restarts from the checkpoint on retry.
 
     ``on_log_phase`` is called when the snapshot is done (at every batch from then on).
     ``rules``: the mapping, when this process knows it: a rule naming a column its table lacks
-    stops capture before it reads anything (``check_columns``).
+    stops capture before it reads anything (``check_columns``). ``on_waiting``: called with the
+    reason when the source cannot be reached (capture retries with backoff), and with None once
+    it reads again.
     """
     backoff = Backoff("capture")
     while not stop.is_set():
         try:
-            _capture_from_checkpoint(source, stream, stop, on_log_phase, progress, backoff, rules)
+            _capture_from_checkpoint(
+                source, stream, stop, on_log_phase, progress, backoff, rules, on_waiting
+            )
         except Retryable as exc:  # down, busy or locked: start again from the saved checkpoint
             source.close()
+            if on_waiting is not None:
+                on_waiting(str(exc))
             stop.wait(backoff.failed(exc))
             continue
         if not stop.is_set():  # a source reads until it is closed: never end quietly
@@ -342,10 +358,13 @@ def _capture_from_checkpoint(
     progress: Progress | None,
     backoff: Backoff,
     rules: Sequence[MappingRule],
+    on_waiting: Callable[[str | None], None] | None,
 ) -> None:
     saved = stream.checkpoint(source.name)
     last = saved.state if saved else None
     source.open(last)
+    if on_waiting is not None and backoff.failures:
+        on_waiting(None)  # the source answers again
     check_columns(rules, source.table_columns())
     in_log = False
     for batch in source.batches(BATCH_SIZE, progress):
@@ -403,7 +422,15 @@ def _capture_main(settings: Settings, conn: Connection, level: int, *, progress:
             sender.send("progress", table, done, expected)
 
     try:
-        capture(source, stream, stop, lambda: sender.send("log-phase"), report, settings.mappings)
+        capture(
+            source,
+            stream,
+            stop,
+            lambda: sender.send("log-phase"),
+            report,
+            settings.mappings,
+            lambda reason: sender.send("waiting", reason),
+        )
     except ConfigError as exc:  # the parent logs it once, in one line
         sender.send("failed", _picklable(exc))
     except BaseException as exc:

@@ -43,6 +43,9 @@ class Status:
     segments: tuple[SegmentCount, ...]
     captures: tuple[tuple[str, dict[str, object]], ...] = ()
     """(source name, checkpoint) of every source the stream holds a checkpoint for."""
+    capture_waiting: str | None = None
+    """Why this process's capture cannot read its source now (it retries); None otherwise, and
+    always None when read from another process."""
 
 
 def _parsed(state: str) -> dict[str, object]:
@@ -153,6 +156,9 @@ def to_prometheus(status: Status) -> str:
         "# HELP optsync_apply_lag_seconds Age of the oldest record apply has not acknowledged.",
         "# TYPE optsync_apply_lag_seconds gauge",
         f"optsync_apply_lag_seconds {status.lag_seconds:.6f}",
+        "# HELP optsync_capture_waiting 1 while capture cannot reach its source (retrying).",
+        "# TYPE optsync_capture_waiting gauge",
+        f"optsync_capture_waiting {int(status.capture_waiting is not None)}",
         "# HELP optsync_dlq_entries Dead letters not replayed yet.",
         "# TYPE optsync_dlq_entries gauge",
         f"optsync_dlq_entries {status.dlq_size}",

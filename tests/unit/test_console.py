@@ -740,3 +740,29 @@ def test_the_pipeline_page_shows_each_source_in_its_own_terms(
         assert "?" not in text.split("capture", 1)[1][:80]
     finally:
         client.close()
+
+
+def test_the_pipeline_page_says_when_capture_waits_for_its_source(store: SQLiteStore) -> None:
+    status = Status(
+        capture_state=None,
+        stream_head=0,
+        apply_offset=0,
+        lag_events=0,
+        lag_seconds=0.0,
+        dlq_size=0,
+        endpoints=0,
+        segments=(),
+        capture_waiting="connect to mariadb://optsync@db:3306/blog_db: unreachable",
+    )
+    context = ConsoleContext(
+        store=store, credentials=CREDENTIALS, secret="s" * 40, status=lambda: status
+    )
+    client = make_client(context)
+    try:
+        client.sign_in()
+        text = re.sub(r"\s+", " ", client.get("/console/pipeline").text)
+        assert "waiting for source: connect to mariadb://optsync@db:3306/blog_db" in text
+        live = client.get("/console/pipeline/status").json()
+        assert live["capture.position"].startswith("waiting for source")
+    finally:
+        client.close()

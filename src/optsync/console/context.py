@@ -60,6 +60,7 @@ def console_context(
     pipeline: bool,
     stream: ChangeStream | None = None,
     dlq: DeadLetterQueue | None = None,
+    capture_waiting: Callable[[], str | None] | None = None,
 ) -> ConsoleContext:
     """The console of an ``optsync serve`` (``pipeline=False``) or ``up``/``run`` process.
 
@@ -80,7 +81,10 @@ def console_context(
         return context
 
     def status() -> Status:
-        return read_status(settings, store, stream, dlq)
+        found = read_status(settings, store, stream, dlq)
+        if capture_waiting is None:
+            return found
+        return dataclasses.replace(found, capture_waiting=capture_waiting())
 
     def dead_letters(limit: int) -> Sequence[DeadLetter]:
         if dlq is not None:

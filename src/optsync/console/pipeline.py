@@ -87,7 +87,14 @@ def _capture_position(state: dict[str, object] | None) -> str:
 def stage_rows(status: Status, rates: Rates) -> list[StageRow]:
     """The status table: one row per stage, as display text."""
     return [
-        StageRow("capture", _capture_position(status.capture_state), "-", _rate(rates.captured)),
+        StageRow(
+            "capture",
+            f"waiting for source: {status.capture_waiting}"
+            if status.capture_waiting is not None
+            else _capture_position(status.capture_state),
+            "-",
+            _rate(rates.captured),
+        ),
         StageRow("stream", f"head offset {status.stream_head:,}", "-", "-"),
         StageRow(
             "apply",
