@@ -6,6 +6,7 @@ servers start with them.)"""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -32,10 +33,15 @@ def statements(block: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
-def opt_out(execute: object, users: tuple[int, ...], table: str) -> None:
-    assert callable(execute)
-    where = ", ".join(f"'user{n}'" for n in users)
-    execute(f"UPDATE {table} SET optin = 0 WHERE userid IN ({where})")
+def walk_the_blog(optsync: ExampleRun, execute: Callable[[str], object]) -> None:
+    """The blog's statements through the application's own connection: 9 -> 5 -> 4."""
+    optsync.wait_for_eligible(9)
+    execute(
+        "UPDATE optin_status SET optin = 0 WHERE userid IN ('user1', 'user2', 'user3', 'user4')"
+    )
+    optsync.wait_for_eligible(5)
+    execute("UPDATE optin_status SET optin = 0 WHERE userid = 'user5'")
+    optsync.wait_for_eligible(4)
 
 
 def test_the_readme_postgresql_steps_reach_9_5_4(tmp_path: Path) -> None:
@@ -53,12 +59,8 @@ def test_the_readme_postgresql_steps_reach_9_5_4(tmp_path: Path) -> None:
                 "postgres.toml", example, server.url("optsync", "secret", "app"), tmp_path
             ) as optsync,
         ):
-            optsync.wait_for_eligible(9)
-            # The application's own UPDATE works on the published table (replica identity).
-            opt_out(cur.execute, (1, 2, 3, 4), "optin_status")
-            optsync.wait_for_eligible(5)
-            opt_out(cur.execute, (5,), "optin_status")
-            optsync.wait_for_eligible(4)
+            # The application's own UPDATEs work on the published table (replica identity).
+            walk_the_blog(optsync, cur.execute)
 
 
 def test_the_readme_mariadb_steps_reach_9_5_4(tmp_path: Path) -> None:
@@ -74,8 +76,4 @@ def test_the_readme_mariadb_steps_reach_9_5_4(tmp_path: Path) -> None:
                 "mariadb.toml", example, server.url("optsync", "secret", "blog_db"), tmp_path
             ) as optsync,
         ):
-            optsync.wait_for_eligible(9)
-            opt_out(cur.execute, (1, 2, 3, 4), "optin_status")
-            optsync.wait_for_eligible(5)
-            opt_out(cur.execute, (5,), "optin_status")
-            optsync.wait_for_eligible(4)
+            walk_the_blog(optsync, cur.execute)

@@ -705,6 +705,35 @@ def test_the_api_keeps_every_other_path(client: Client) -> None:
     assert client.get("/console").status_code in (303, 307)
 
 
+def pipeline_page(
+    store: SQLiteStore, state: dict[str, object] | None, waiting: str | None = None
+) -> tuple[str, dict[str, str]]:
+    """The pipeline page's text (white space folded) and its live values, for a status with
+    this capture state."""
+    status = Status(
+        capture_state=state,
+        stream_head=0,
+        apply_offset=0,
+        lag_events=0,
+        lag_seconds=0.0,
+        dlq_size=0,
+        endpoints=0,
+        segments=(),
+        capture_waiting=waiting,
+    )
+    context = ConsoleContext(
+        store=store, credentials=CREDENTIALS, secret="s" * 40, status=lambda: status
+    )
+    client = make_client(context)
+    try:
+        client.sign_in()
+        text = re.sub(r"\s+", " ", client.get("/console/pipeline").text)
+        live: dict[str, str] = client.get("/console/pipeline/status").json()
+    finally:
+        client.close()
+    return text, live
+
+
 @pytest.mark.parametrize(
     ("state", "shown"),
     [
@@ -719,50 +748,14 @@ def test_the_pipeline_page_shows_each_source_in_its_own_terms(
     store: SQLiteStore, state: dict[str, object], shown: str
 ) -> None:
     """Found in review: a MySQL or PostgreSQL source read "after source change ?" here."""
-    status = Status(
-        capture_state=state,
-        stream_head=0,
-        apply_offset=0,
-        lag_events=0,
-        lag_seconds=0.0,
-        dlq_size=0,
-        endpoints=0,
-        segments=(),
-    )
-    context = ConsoleContext(
-        store=store, credentials=CREDENTIALS, secret="s" * 40, status=lambda: status
-    )
-    client = make_client(context)
-    try:
-        client.sign_in()
-        text = re.sub(r"\s+", " ", client.get("/console/pipeline").text)
-        assert shown in text
-        assert "?" not in text.split("capture", 1)[1][:80]
-    finally:
-        client.close()
+    text, live = pipeline_page(store, state)
+    assert shown in text
+    assert shown in live["capture.position"]
+    assert "?" not in live["capture.position"]
 
 
 def test_the_pipeline_page_says_when_capture_waits_for_its_source(store: SQLiteStore) -> None:
-    status = Status(
-        capture_state=None,
-        stream_head=0,
-        apply_offset=0,
-        lag_events=0,
-        lag_seconds=0.0,
-        dlq_size=0,
-        endpoints=0,
-        segments=(),
-        capture_waiting="connect to mariadb://optsync@db:3306/blog_db: unreachable",
-    )
-    context = ConsoleContext(
-        store=store, credentials=CREDENTIALS, secret="s" * 40, status=lambda: status
-    )
-    client = make_client(context)
-    try:
-        client.sign_in()
-        text = re.sub(r"\s+", " ", client.get("/console/pipeline").text)
-        assert "waiting for source: connect to mariadb://optsync@db:3306/blog_db" in text
-        live = client.get("/console/pipeline/status").json()
-        assert live["capture.position"].startswith("waiting for source")
-    finally:
-        client.close()
+    reason = "connect to mariadb://optsync@db:3306/blog_db: unreachable"
+    text, live = pipeline_page(store, None, waiting=reason)
+    assert f"waiting for source: {reason}" in text
+    assert live["capture.position"] == f"waiting for source: {reason}"
