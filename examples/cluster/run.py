@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from botocore.credentials import Credentials  # noqa: E402
 from mariadb_server import MariaDBServer, require_binaries  # noqa: E402
 from nats_server import NatsServer  # noqa: E402
 from nats_server import running_server as running_nats  # noqa: E402
+from ports import free_port  # noqa: E402
 from postgres_server import running_server  # noqa: E402
 
 KEY_ID, SECRET = "CLUSTERKEY", "cluster-example-secret"
@@ -51,13 +51,6 @@ APP = "optin-demo"
 SEGMENT = "US-Segment"
 TIMEOUT = 60.0
 USERS = [(f"user{n}", f"+1234111111{n}", 1) for n in range(1, 10)]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def say(text: str) -> None:

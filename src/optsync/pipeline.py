@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -84,6 +85,13 @@ def ensure_app(store: EndpointStore, name: str) -> App:
     return oldest
 
 
+def _run_worker_name() -> str:
+    """The apply worker's name in ``optsync run``/``up``: the same at every start on this host,
+    so a run restarted after a crash takes its partitions back at once instead of waiting for
+    the crashed run's leases to run out (``optsync apply`` processes get unique names)."""
+    return f"{socket.gethostname()}-run"
+
+
 class Pipeline:
     """The capture and apply stages, or one of them, over the configured stream.
 
@@ -134,6 +142,7 @@ class Pipeline:
                     store,
                     self.app.id,
                     self.dlq,
+                    name=_run_worker_name() if "capture" in self.stages else None,
                     on_applied=on_applied,
                     sync_interval=SYNC_SECONDS,
                 )

@@ -24,9 +24,9 @@ from pinpoint_e2e import (
     Server,
     Signed,
     clean_env,
-    free_port,
     optsync_command,
 )
+from ports import free_port
 
 if TYPE_CHECKING:
     from mypy_boto3_pinpoint import PinpointClient

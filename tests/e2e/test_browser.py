@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import httpx
 import pytest
-from pinpoint_e2e import REGION, Server, clean_env, free_port, optsync_command
+from pinpoint_e2e import REGION, Server, clean_env, optsync_command
+from ports import free_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Page

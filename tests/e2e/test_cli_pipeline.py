@@ -22,7 +22,7 @@ import boto3
 import botocore.config
 import httpx
 import pytest
-from pinpoint_e2e import REGION, Signed, clean_env, free_port
+from pinpoint_e2e import REGION, Signed, clean_env
 from pipeline_e2e import (
     MAPPING,
     Layout,
@@ -33,6 +33,7 @@ from pipeline_e2e import (
     run_cli,
     wait_for,
 )
+from ports import free_port
 
 from optsync.capture.sample import SAMPLE_TABLE
 

@@ -6,7 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pinpoint_e2e import clean_env, free_port, optsync_command
+from pinpoint_e2e import clean_env, optsync_command
+from ports import free_port
 from postgres_server import PostgresServer
 from postgres_server import postgres_fixture as _postgres_fixture  # noqa: F401 (the fixture)
 

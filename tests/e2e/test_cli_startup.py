@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 import httpx
 import pytest
-from pinpoint_e2e import clean_env, free_port
+from pinpoint_e2e import clean_env
 from pipeline_e2e import APP_NAME, MAPPING, Layout, Optsync, app_db, run_cli, wait_for
+from ports import free_port
 
 from optsync.capture.mysql_position import CaptureState, LogPosition
 from optsync.capture.sample import SAMPLE_TABLE, create_sample_database

@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pinpoint_e2e import clean_env, free_port, optsync_command
+from pinpoint_e2e import clean_env, optsync_command
+from ports import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 from nats_server import NatsServer
+from ports import free_port
 from postgres_server import PostgresServer
 
 from optsync.capture.sample import SAMPLE_DDL
@@ -30,13 +30,6 @@ KEY_ID, SECRET = "CLUSTERKEY", "cluster-test-secret"
 CONSOLE_SECRET = "cluster-test-console-secret-0123456789"
 APP = "optin-demo"
 TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def phone(n: int) -> str:

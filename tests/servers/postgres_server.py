@@ -15,7 +15,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 import psycopg2
 import pytest
+from ports import free_port
 
 __all__ = (
     "PostgresServer",
@@ -54,12 +54,6 @@ def find_binaries() -> Path | None:
         ),
     )
     return Path(found[-1]).parent if found else None
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

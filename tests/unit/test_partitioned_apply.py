@@ -14,6 +14,7 @@ from optsync.cli import SAMPLE_RULE
 from optsync.engine.models import OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent, Op, position_of
+from optsync.pipeline import _run_worker_name
 from optsync.stream.memory import MemoryStream
 
 PARTITIONS = 4
@@ -200,3 +201,25 @@ def test_one_step_writes_every_partitions_records_in_one_transaction() -> None:
         stream.close()
         store.close()
         dlq.close()
+
+
+def test_a_restarted_run_takes_its_partitions_back_at_once(
+    parts: tuple[MemoryStream, SQLiteStore, SQLiteDeadLetterQueue, str],
+) -> None:
+    """`optsync run` names its worker the same at every start: after a SIGKILL (no release) the
+    next start applies at once instead of waiting a lease ttl (found by the SIGKILL e2e test,
+    whose final drain waited out the killed runs' leases)."""
+    assert _run_worker_name() == _run_worker_name()
+    stream, _, _, _ = parts
+    crashed = worker(parts, _run_worker_name())
+    crashed.step(wait=0.0)
+    assert crashed.partitions == frozenset(range(PARTITIONS))
+    restarted = worker(parts, _run_worker_name())
+    restarted.step(wait=0.0)
+    assert restarted.partitions == frozenset(range(PARTITIONS))
+    other = worker(parts, "another-process")
+    other.step(wait=0.0)
+    assert other.partitions == frozenset()  # a different name still waits for the leases
+    stream.append([change(1, 0, 1)])
+    drain(restarted)
+    assert stream.stats().pending["apply"] == 0
