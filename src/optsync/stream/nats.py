@@ -137,6 +137,8 @@ READ_BYTES = 4 * 1024 * 1024
 READ_MESSAGES = 1024
 """Messages one direct get returns at most."""
 POLL = 1.0
+WATCH_GRACE = 0.5
+"""Seconds a key-value watch waits for entries after nats-py's "no more" marker (``_watch``)."""
 """Seconds a waiting read sleeps at most between looks, should a wake-up call go missing."""
 HEADER_ROOM = 1024
 """Bytes of ``max_payload`` kept for a message's headers."""
@@ -1050,14 +1052,30 @@ class NatsStream(ChangeStream):
         bucket = await self._jetstream().key_value(self._bucket)
         watcher = await bucket.watch(pattern)
         entries: dict[str, _Entry] = {}
+        # nats-py's "no more" marker (None) can come before the entries: it compares the
+        # consumer's pending count with what its callback has seen, and under load the entries
+        # are delivered but not yet handed over. So the marker only ends the watch if nothing
+        # follows it within WATCH_GRACE; otherwise the entry with no more pending (delta 0) does.
+        marker = False
         try:
-            # nats-py leaves KeyWatcher untyped.
-            while (update := await watcher.updates(self._timeout)) is not None:  # type: ignore[no-untyped-call]
+            while True:
+                try:
+                    # nats-py leaves KeyWatcher untyped.
+                    update = await watcher.updates(WATCH_GRACE if marker else self._timeout)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    if marker:
+                        break
+                    raise
+                if update is None:
+                    marker = True
+                    continue
                 entries[update.key] = _Entry(
                     value=None if update.operation in ("DEL", "PURGE") else update.value,
                     revision=update.revision or 0,
                     time=_created(update.created),
                 )
+                if not update.delta:
+                    break
         finally:
             await watcher.stop()  # type: ignore[no-untyped-call]
         return entries
