@@ -14,21 +14,39 @@ setting              value                                       backend
                      ``postgresql://…``
 DLQ                  follows the engine                          DATA_DIR/dlq.db, or a table in
                                                                  the engine's PostgreSQL
+``[[sink]] type``    ``eum-sms``, ``webhook``, ``pinpoint-api``   EUM opt-out list, signed POST,
+                                                                 UpdateEndpointsBatch
+``[[inbound]]``      ``eum-sms``                                 EUM opt-out list poller
 ===================  ==========================================  ===============================
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
 from optsync.capture.base import ChangeSource
 from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError
+from optsync.sinks.base import Sink
+from optsync.sinks.settings import (
+    EumSinkSettings,
+    PinpointApiSinkSettings,
+    WebhookSinkSettings,
+)
 from optsync.stream.base import ChangeStream
+
+if TYPE_CHECKING:
+    from optsync.inbound.base import InboundSource
+    from optsync.inbound.writeback import Writeback
 
 __all__ = (
     "DEFAULT_NATS_PARTITIONS",
     "open_dlq",
+    "open_inbound",
+    "open_sinks",
+    "open_writeback",
     "open_source",
     "open_store",
     "open_stream",
@@ -96,6 +114,48 @@ def open_dlq(settings: Settings) -> DeadLetterQueue:
         assert settings.engine_url is not None
         return PostgresDeadLetterQueue(settings.engine_url)
     return SQLiteDeadLetterQueue(settings.dlq_path)
+
+
+def open_sinks(settings: Settings) -> list[Sink]:
+    """A ``Sink`` for each ``[[sink]]``."""
+    sinks: list[Sink] = []
+    for sink in settings.sinks:
+        if isinstance(sink, EumSinkSettings):
+            from optsync.sinks.eum import EumSmsSink  # noqa: PLC0415
+
+            sinks.append(EumSmsSink(sink))
+        elif isinstance(sink, WebhookSinkSettings):
+            from optsync.sinks.webhook import WebhookSink  # noqa: PLC0415
+
+            sinks.append(WebhookSink(sink))
+        else:
+            assert isinstance(sink, PinpointApiSinkSettings)
+            from optsync.sinks.pinpoint import PinpointApiSink  # noqa: PLC0415
+
+            sinks.append(PinpointApiSink(sink))
+    return sinks
+
+
+def open_inbound(settings: Settings) -> list[InboundSource]:
+    """A poller for each ``[[inbound]]``."""
+    from optsync.inbound.eum import EumInbound  # noqa: PLC0415
+
+    return [EumInbound(inbound) for inbound in settings.inbound]
+
+
+def open_writeback(settings: Settings) -> Writeback | None:
+    """The source write-back of end users' opt-outs (``[[inbound]] writeback``), if set."""
+    sql = next((i.writeback for i in settings.inbound if i.writeback), None)
+    if sql is None:
+        return None
+    if settings.source is None:
+        raise ConfigError(
+            "[[inbound]] writeback needs [source] url: the database it writes end users' "
+            "opt-outs back to"
+        )
+    from optsync.inbound.writeback import Writeback  # noqa: PLC0415
+
+    return Writeback(settings.source, sql)
 
 
 def require_data(settings: Settings) -> Settings:

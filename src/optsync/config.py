@@ -32,6 +32,14 @@ from optsync.engine.phone import PhonePolicy
 from optsync.engine.segments import SegmentDefinition, definition_from_wire
 from optsync.engine.sql import StoreSettings
 from optsync.errors import ConfigError, InvalidRequest
+from optsync.sinks.settings import (
+    AuditSettings,
+    EumInboundSettings,
+    SinkSettings,
+    parse_audit,
+    parse_inbound,
+    parse_sinks,
+)
 
 __all__ = (
     "ApiSettings",
@@ -160,6 +168,11 @@ class Settings:
     """Segments made in the app at start when missing (``[[segment]]``)."""
     serve_api: bool = True
     """Serve the API in ``optsync run`` (true when the file has an [api] table)."""
+    sinks: tuple[SinkSettings, ...] = ()
+    """Where every consent change is delivered (``[[sink]]``)."""
+    inbound: tuple[EumInboundSettings, ...] = ()
+    """Where end users' own opt-outs are read from (``[[inbound]]``)."""
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     @property
     def engine_path(self) -> Path:
@@ -300,10 +313,24 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         channels=channels,
         segments=segments,
         serve_api="api" in doc,
+        sinks=parse_sinks(doc, env),
+        inbound=parse_inbound(doc),
+        audit=parse_audit(doc),
     )
 
 
-_TOP_KEYS = ("data_dir", "source", "stream", "engine", "api", "mapping", "segment")
+_TOP_KEYS = (
+    "data_dir",
+    "source",
+    "stream",
+    "engine",
+    "api",
+    "mapping",
+    "segment",
+    "sink",
+    "inbound",
+    "audit",
+)
 _API_KEYS = ("listen", "credentials", "console_secret")
 _ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country", "channels")
 _STREAM_KEYS = ("url", "name", "partitions", "replicas")

@@ -30,12 +30,10 @@ import logging.handlers
 import multiprocessing
 import os
 import pickle
-import random
 import signal
 import socket
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -51,7 +49,9 @@ from optsync.engine.models import App
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent
+from optsync.retry import Backoff
 from optsync.runtime import IdleCollector, tune_gc
+from optsync.sinks.service import ConsentService
 from optsync.stream.base import ChangeStream, Checkpoint
 
 __all__ = ("Pipeline", "ensure_app")
@@ -59,9 +59,6 @@ __all__ = ("Pipeline", "ensure_app")
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000
-RETRY_SECONDS = 0.5
-"""The first wait after a failure a retry may fix; it doubles up to ``RETRY_MAX_SECONDS``."""
-RETRY_MAX_SECONDS = 30.0
 SYNC_SECONDS = 0.05
 """How often apply makes the engine durable and acknowledges the stream (``ApplyWorker``)."""
 CHILD_STOP_SECONDS = 10.0
@@ -129,6 +126,8 @@ class Pipeline:
         self.source: ChangeSource | None = None
         self.dlq: DeadLetterQueue | None = None
         self.worker: PartitionedApply | None = None
+        self.consent: ConsentService | None = None
+        """Sinks, inbound and write-back (with the apply stage, when any is configured)."""
         try:
             if "capture" in self.stages and not self.capture_process:
                 self.source = open_source(settings)
@@ -146,6 +145,8 @@ class Pipeline:
                     on_applied=on_applied,
                     sync_interval=SYNC_SECONDS,
                 )
+                consent = ConsentService(settings, store, self.app.id)
+                self.consent = None if consent.empty else consent
         except BaseException:
             self._close()
             raise
@@ -170,9 +171,13 @@ class Pipeline:
             thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.consent is not None:
+            self.consent.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        if self.consent is not None:
+            self.consent.stop(timeout)
         for thread in self._threads:
             thread.join(
                 max(timeout, CHILD_STOP_SECONDS + 1) if thread.name == "capture" else timeout
@@ -295,31 +300,6 @@ class Pipeline:
             worker.stop()
         except (Retryable, sqlite3.OperationalError) as exc:  # redelivered at the next start
             logger.warning("apply final acknowledgement failed reason=%s", exc)
-
-
-class Backoff:
-    """Waits between retries: ``RETRY_SECONDS`` doubling to ``RETRY_MAX_SECONDS``, with jitter;
-    one WARNING when an outage starts, then at most one every 30 s, and an INFO when it ends."""
-
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
-        self.failures = 0
-        self._logged_at = 0.0
-
-    def failed(self, exc: BaseException) -> float:
-        """Note a failure; returns how long to wait before the next attempt."""
-        self.failures += 1
-        now = time.monotonic()
-        if self.failures == 1 or now - self._logged_at >= RETRY_MAX_SECONDS:
-            self._logged_at = now
-            logger.warning("%s retry attempt=%d reason=%s", self.stage, self.failures, exc)
-        delay = min(RETRY_SECONDS * 2 ** (self.failures - 1), RETRY_MAX_SECONDS)
-        return float(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not secrecy
-
-    def succeeded(self) -> None:
-        if self.failures:
-            logger.info("%s recovered after attempts=%d", self.stage, self.failures)
-            self.failures = 0
 
 
 def capture(

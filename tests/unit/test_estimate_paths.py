@@ -24,7 +24,7 @@ from optsync.engine.models import (
     OptOut,
 )
 from optsync.engine.segments import compile_filter, definition_from_wire
-from optsync.engine.sqlite import SQLiteStore
+from optsync.engine.sqlite import SCHEMA_VERSION, SQLiteStore
 
 SEGMENTS: list[dict[str, Any]] = [
     {"Dimensions": {"Attributes": {"plan": {"Values": ["gold"]}}}},
@@ -198,4 +198,4 @@ def test_engine_file_of_schema_1_gets_its_attribute_rows_rebuilt(tmp_path: Path)
     reopened = SQLiteStore(path)
     found = reopened.estimate(app, segment.id)
     assert (found.total, found.eligible) == (1, 1)
-    assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert reopened._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

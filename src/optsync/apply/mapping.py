@@ -198,16 +198,29 @@ def _map(rule: MappingRule, event: ChangeEvent) -> Mapped:
                 f"the delete's before image lacks column(s) {_names(missing)} that the endpoint "
                 f"id template {rule.id_template!r} needs: {_FULL_BEFORE_IMAGE}"
             )
-        return Mapped((EndpointDelete(_endpoint_id(rule, before), position=event.position),))
+        return Mapped(
+            (
+                EndpointDelete(
+                    _endpoint_id(rule, before),
+                    position=event.position,
+                    source_time=event.commit_time,
+                ),
+            )
+        )
     old_id = _old_id(rule, event)
     try:
         patch = _upsert(rule, event)
     except MappingError as exc:
         if old_id is not None and _new_id_differs(rule, event, old_id):
-            return Mapped((EndpointDelete(old_id, position=event.position),), failed=exc.reason)
+            return Mapped(
+                (EndpointDelete(old_id, position=event.position, source_time=event.commit_time),),
+                failed=exc.reason,
+            )
         raise
     if old_id is not None and endpoint_key(old_id) != endpoint_key(patch.id):
-        return Mapped((EndpointDelete(old_id, position=event.position), patch))
+        return Mapped(
+            (EndpointDelete(old_id, position=event.position, source_time=event.commit_time), patch)
+        )
     return Mapped((patch,))
 
 
@@ -274,6 +287,7 @@ def _upsert(rule: MappingRule, event: ChangeEvent) -> EndpointPatch:
         user_attributes=_copied(row, tuple(user_attributes)) if user_attributes else None,
         effective_date=None if rule.effective_date in unchanged else _effective_date(rule, row),
         position=event.position,
+        source_time=event.commit_time,
     )
 
 

@@ -76,8 +76,11 @@ class EndpointStatus(StrEnum):
 
 
 class CauseKind(StrEnum):
-    API = "api"  # an HTTP request; ref is its request id
+    API = "api"  # an HTTP request; ref is its request id, detail names the key
     SOURCE = "source"  # a captured change; ref is its source position
+    CONSOLE = "console"  # the web console; ref is the operator
+    END_USER = "end user"  # the person opted out themselves (a STOP reply); ref: how it came
+    IMPORT = "import"  # an import file; ref names the file
 
 
 _T = TypeVar("_T")
@@ -94,6 +97,8 @@ class Cause:
 
     kind: CauseKind
     ref: str
+    detail: str = ""
+    """Evidence in words: the API key id, the opt-in reason given, the STOP keyword and list."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +217,11 @@ class EndpointPatch:
     demographic: Demographic | None = None
     location: Location | None = None
     position: str | None = None
+    source_time: str | None = None
+    """When the source committed the change (ISO-8601 UTC), for the consent history."""
+    opt_in_reason: str | None = None
+    """Why an OptOut NONE is given: an explicit opt-in, which lifts an end user's own opt-out
+    (without it, an endpoint the person opted out by STOP stays opted out)."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,7 @@ class EndpointDelete:
 
     id: str
     position: str | None = None
+    source_time: str | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +252,12 @@ class Estimate:
 
 @dataclass(frozen=True)
 class ConsentChange:
-    """One change of an endpoint's OptOut (``None`` before: created; after: deleted)."""
+    """One consent change of an endpoint: its OptOut changed (``None`` before: created; after:
+    deleted), or its address did (the same OptOut now holds for another address).
+
+    ``seq`` orders the changes of one app as the engine committed them: the consent ledger's
+    id, which sinks use as their cursor and idempotency id.
+    """
 
     endpoint_id: str
     at: str
@@ -249,6 +265,19 @@ class ConsentChange:
     opt_out_after: OptOut | None
     address: str | None
     cause: Cause
+    seq: int = 0
+    app_id: str = ""
+    channel_type: ChannelType | None = None
+    user_id: str | None = None
+    source_time: str | None = None
+    """When the source committed the change (SOURCE causes whose record carried it)."""
+    address_before: str | None = None
+    """The address before an address change (None otherwise)."""
+
+    @property
+    def change_id(self) -> str:
+        """The idempotency id every sink is given: the same each time this change is sent."""
+        return f"{self.app_id}-{self.seq}"
 
 
 @dataclass(frozen=True)

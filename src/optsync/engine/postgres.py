@@ -43,6 +43,7 @@ from optsync.engine.postgres_database import (
 )
 from optsync.engine.segments import Dialect
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
 from optsync.engine.writes import Row
 
 __all__ = ("MIGRATIONS", "PostgresStore")
@@ -214,12 +215,28 @@ _V1 = (
     )""",
 )
 
+_V2 = (
+    *(
+        f"ALTER TABLE consent_history ADD COLUMN {column.format(text=_TEXT)}"
+        for column in LEDGER_HISTORY_COLUMNS
+    ),
+    "CREATE INDEX consent_history_app ON consent_history (app_id, seq)",
+    *(
+        statement.strip()
+        for statement in ledger_schema(
+            _TEXT, "bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+        ).split(";")
+        if statement.strip()
+    ),
+)
+
 MIGRATIONS = (
     Migration(
         1,
         "apps, channels, endpoints with side tables and rollup, tombstones, history, segments",
         tuple(statement.format(text=_TEXT) for statement in _V1),
     ),
+    Migration(2, "the consent ledger: sinks, end users' opt-outs, audit", _V2),
 )
 """The engine's schema versions, oldest first; a new version is appended, never edited."""
 

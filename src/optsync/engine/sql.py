@@ -43,6 +43,7 @@ from optsync.engine.models import (
     iso_now,
 )
 from optsync.engine.segments import Dialect
+from optsync.engine.sql_ledger import _CHANGE_COLUMNS, SqlLedger, _row_to_change
 from optsync.engine.sql_rows import (
     _ATTRIBUTE_COLUMNS,
     _COLUMN_NAMES,
@@ -60,7 +61,7 @@ from optsync.engine.sql_rows import (
 )
 from optsync.engine.sql_segments import SqlSegments
 from optsync.engine.store import EndpointStore
-from optsync.engine.writes import Row, WriteBatch, peers_to_read
+from optsync.engine.writes import Hold, Row, WriteBatch, peers_to_read
 from optsync.errors import NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
@@ -103,7 +104,7 @@ class _Job:
     done: bool = False
 
 
-class SqlStore(SqlSegments, EndpointStore):
+class SqlStore(SqlSegments, SqlLedger, EndpointStore):
     """Engine storage on a SQL database; see the module docstring."""
 
     dialect = Dialect()
@@ -238,13 +239,16 @@ class SqlStore(SqlSegments, EndpointStore):
                 "endpoint_metrics",
                 "endpoints",
                 "tombstones",
-                "consent_history",
+                "end_user_holds",
+                "sink_waiting",
                 "segments",
                 "channels",
                 "attribute_names",
                 "endpoint_counts",
             ):
                 self._exec(cur, f"DELETE FROM {table} WHERE app_id = ?", (app_id,))
+            # The consent history and end users' opt-out reports stay: they are the evidence of
+            # consent a sender must keep for years (docs/sinks.md).
             self._exec(cur, "DELETE FROM apps WHERE id = ?", (app_id,))
         return app
 
@@ -439,6 +443,16 @@ class SqlStore(SqlSegments, EndpointStore):
                 (app_id, *params),
             ).fetchall():
                 batch.tombs[key] = position
+        keys_named = sorted(keys)
+        for chunk in self._chunks(keys_named):
+            test, params = self._in("id_key", chunk)
+            for key, address, at, source_opt_out, detail in self._exec(
+                cur,
+                "SELECT id_key, address, at, source_opt_out, detail FROM end_user_holds "
+                f"WHERE app_id = ? AND {test}",
+                (app_id, *params),
+            ).fetchall():
+                batch.holds[key] = Hold(address, at, OptOut(source_opt_out), detail)
         return batch
 
     def _rebuild_attribute_rows(self, cur: Cursor) -> None:
@@ -509,6 +523,24 @@ class SqlStore(SqlSegments, EndpointStore):
             )
         if batch.history:
             self._insert(cur, "consent_history", _HISTORY_COLUMNS, batch.history)
+        for chunk in self._chunks(sorted(batch.holds_removed)):
+            test, params = self._in("id_key", chunk)
+            self._exec(
+                cur, f"DELETE FROM end_user_holds WHERE app_id = ? AND {test}", (app_id, *params)
+            )
+        if batch.holds_written:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO end_user_holds (app_id, id_key, address, at, source_opt_out, "
+                    "detail) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (app_id, id_key) DO UPDATE "
+                    "SET address = excluded.address, at = excluded.at, source_opt_out = "
+                    "excluded.source_opt_out, detail = excluded.detail"
+                ),
+                [
+                    (app_id, k, h.address, h.at, h.source_opt_out, h.detail)
+                    for k, h in sorted(batch.holds_written.items())
+                ],
+            )
         deltas = [(app_id, *b, n) for b, n in sorted(batch.counts.items()) if n]
         if deltas:
             cur.executemany(
@@ -682,25 +714,15 @@ class SqlStore(SqlSegments, EndpointStore):
             self._get_app(cur, app_id)
             rows = self._exec(
                 cur,
-                "SELECT endpoint_id, at, opt_out_before, opt_out_after, address, cause_kind, "
-                "cause_ref FROM consent_history WHERE app_id = ? AND endpoint_key = ? ORDER BY seq",
+                f"SELECT {_CHANGE_COLUMNS} FROM consent_history WHERE app_id = ? AND "
+                "endpoint_key = ? ORDER BY seq",
                 (app_id, endpoint_key(endpoint_id)),
             ).fetchall()
         if not rows:
             raise NotFound(
                 f"Resource not found: app {app_id!r} has no history for endpoint {endpoint_id!r}"
             )
-        return [
-            ConsentChange(
-                endpoint_id=r[0],
-                at=r[1],
-                opt_out_before=OptOut(r[2]) if r[2] else None,
-                opt_out_after=OptOut(r[3]) if r[3] else None,
-                address=r[4],
-                cause=Cause(CauseKind(r[5]), r[6]),
-            )
-            for r in rows
-        ]
+        return [_row_to_change(r) for r in rows]
 
     def count_endpoints(self, app_id: str) -> int:
         with self._read() as cur:

@@ -47,7 +47,8 @@ _ATTRIBUTE_COLUMNS = (
 )  # fmt: skip
 _HISTORY_COLUMNS = (
     "app_id", "endpoint_key", "endpoint_id", "at", "opt_out_before", "opt_out_after",
-    "address", "cause_kind", "cause_ref",
+    "address", "cause_kind", "cause_ref", "channel_type", "user_id", "source_time",
+    "cause_detail", "address_before",
 )  # fmt: skip
 
 

@@ -11,14 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
 from optsync.sqlite_sync import without_fsync
 
 __all__ = ("SQLiteStore",)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-"""1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in."""
+SCHEMA_VERSION = 3
+"""1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in;
+3: the consent ledger (history columns for sinks and audit, end-user opt-outs, sink state)."""
 
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 """The checkpointer thread copies the WAL into the database once the -wal file is this big."""
@@ -157,10 +159,17 @@ CREATE TABLE IF NOT EXISTS consent_history (
     opt_out_after TEXT,
     address TEXT,
     cause_kind TEXT NOT NULL,
-    cause_ref TEXT NOT NULL
+    cause_ref TEXT NOT NULL,
+    channel_type TEXT,
+    user_id TEXT,
+    source_time TEXT,
+    cause_detail TEXT NOT NULL DEFAULT '',
+    address_before TEXT
 );
 CREATE INDEX IF NOT EXISTS consent_history_endpoint
     ON consent_history (app_id, endpoint_key, seq);
+CREATE INDEX IF NOT EXISTS consent_history_app ON consent_history (app_id, seq);
+{LEDGER}
 CREATE TABLE IF NOT EXISTS segments (
     app_id TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -204,7 +213,9 @@ class SQLiteStore(SqlStore):
         # in memory instead of being read back from the OS on every batch.
         self._conn.execute("PRAGMA cache_size = -65536")
         rebuild = self._migrate()
-        self._conn.executescript(SCHEMA)
+        self._conn.executescript(
+            SCHEMA.replace("{LEDGER}", ledger_schema("TEXT", "INTEGER PRIMARY KEY"))
+        )
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._fill_rollup()
         if rebuild:
@@ -229,6 +240,12 @@ class SQLiteStore(SqlStore):
         exists = self._conn.execute(
             "SELECT 1 FROM sqlite_master WHERE name = 'endpoint_attributes'"
         ).fetchone()
+        history = {r[1] for r in self._conn.execute("PRAGMA table_info(consent_history)")}
+        if history and "cause_detail" not in history:
+            log.info("engine schema: adding the consent ledger's history columns (version 3)")
+            for column in LEDGER_HISTORY_COLUMNS:
+                added = column.format(text="TEXT")
+                self._conn.execute(f"ALTER TABLE consent_history ADD COLUMN {added}")
         if exists and version < 2:
             # Version 1 kept attribute rows without the rollup columns: rebuild them.
             log.info("engine schema: rebuilding endpoint_attributes for version 2")

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from optsync.engine.ledger import ConsentLedger
 from optsync.engine.models import (
     App,
     Cause,
@@ -42,8 +43,9 @@ class Segment:
     definition: SegmentDefinition
 
 
-class EndpointStore(ABC):
-    """Apps, channels, endpoints, segments and consent history of the engine."""
+class EndpointStore(ConsentLedger, ABC):
+    """Apps, channels, endpoints, segments and consent history of the engine, and the consent
+    ledger built on that history (``optsync.engine.ledger``)."""
 
     # apps -------------------------------------------------------------------------------------
     @abstractmethod

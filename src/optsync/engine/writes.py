@@ -40,13 +40,48 @@ from optsync.engine.models import (
 )
 from optsync.errors import LimitExceeded
 
-__all__ = ("Bucket", "HistoryRow", "Row", "WriteBatch", "bucket", "peers_to_read")
+__all__ = ("Bucket", "HistoryRow", "Hold", "Row", "WriteBatch", "bucket", "peers_to_read")
 
 Bucket = tuple[str, str, str, str]
 """The rollup row an endpoint counts in: (country alpha-2 or '', channel, status, opt-out)."""
 
-HistoryRow = tuple[str, str, str, str, OptOut | None, OptOut | None, str | None, CauseKind, str]
+HistoryRow = tuple[
+    str,  # app_id
+    str,  # endpoint_key
+    str,  # endpoint_id
+    str,  # at
+    OptOut | None,  # opt_out_before
+    OptOut | None,  # opt_out_after
+    str | None,  # address
+    CauseKind,  # cause_kind
+    str,  # cause_ref
+    str,  # channel_type
+    str | None,  # user_id
+    str | None,  # source_time
+    str,  # cause_detail
+    str | None,  # address_before
+]
 """A consent_history row; the enum members bind as their text."""
+
+
+@dataclass
+class Hold:
+    """An end user's own opt-out (a STOP reply) holding one endpoint at OptOut ALL.
+
+    Only an explicit new opt-in lifts it: a source change whose opt-in column itself turns
+    from opted-out to opted-in after ``at`` (``source_opt_out`` follows what the source's column
+    says since the hold began), or an API or console write that gives its reason. A source
+    change that leaves a stale "opted in" column as it was keeps the endpoint opted out. The
+    hold ends with the endpoint, or when its address changes (the person who said STOP was at
+    the old address).
+    """
+
+    address: str
+    at: str
+    """When the person opted out (ISO-8601 UTC)."""
+    source_opt_out: OptOut
+    """What the source's opt-in column says now, as an OptOut."""
+    detail: str = ""
 
 
 def bucket(e: Endpoint) -> Bucket:
@@ -128,6 +163,10 @@ class WriteBatch:
     tombs_written: dict[str, str] = field(default_factory=dict)
     tombs_removed: set[str] = field(default_factory=set)
     history: list[HistoryRow] = field(default_factory=list)
+    holds: dict[str, Hold] = field(default_factory=dict)
+    """id_key -> the end-user opt-out holding it (read for the keys the writes name)."""
+    holds_written: dict[str, Hold] = field(default_factory=dict)
+    holds_removed: set[str] = field(default_factory=set)
     counts: Counter[Bucket] = field(default_factory=Counter)
     _by_address: dict[tuple[str, ChannelType], set[str]] = field(default_factory=dict)
     _by_user: dict[str, set[str]] = field(default_factory=dict)
@@ -174,7 +213,15 @@ class WriteBatch:
 
     # rules ------------------------------------------------------------------------------------
     def _record(
-        self, e: Endpoint, before: OptOut | None, after: OptOut | None, cause: Cause
+        self,
+        e: Endpoint,
+        before: OptOut | None,
+        after: OptOut | None,
+        cause: Cause,
+        *,
+        source_time: str | None = None,
+        address_before: str | None = None,
+        detail: str | None = None,
     ) -> None:
         self.history.append(
             (
@@ -187,8 +234,81 @@ class WriteBatch:
                 e.address,
                 cause.kind,
                 cause.ref,
+                e.channel_type,
+                e.user_id,
+                source_time,
+                cause.detail if detail is None else detail,
+                address_before,
             )
         )
+
+    # end-user opt-outs ------------------------------------------------------------------------
+    def _drop_hold(self, key: str) -> None:
+        if self.holds.pop(key, None) is not None:
+            self.holds_written.pop(key, None)
+            self.holds_removed.add(key)
+
+    def _keep_hold(self, key: str, hold: Hold) -> None:
+        self.holds[key] = self.holds_written[key] = hold
+        self.holds_removed.discard(key)
+
+    def _held(
+        self, key: str, existing: Endpoint | None, patch: EndpointPatch, cause: Cause
+    ) -> tuple[EndpointPatch, str | None]:
+        """``patch`` as an end-user opt-out on the endpoint lets it be (see ``Hold``), and the
+        history detail of an opt-in that lifts the hold."""
+        hold = self.holds.get(key)
+        if hold is None or existing is None:
+            return patch, None
+        address = patch.address if patch.address is not None else existing.address
+        if address != hold.address:
+            self._drop_hold(key)  # another address: that person's STOP is not about it
+            return patch, None
+        if patch.opt_out is None:
+            return patch, None
+        if cause.kind is CauseKind.SOURCE:
+            if patch.opt_out is OptOut.ALL:
+                if hold.source_opt_out is not OptOut.ALL:
+                    self._keep_hold(key, dataclasses.replace(hold, source_opt_out=OptOut.ALL))
+                return patch, None
+            turned = hold.source_opt_out is OptOut.ALL
+            after_stop = patch.source_time is None or patch.source_time > hold.at
+            if turned and after_stop:
+                self._drop_hold(key)
+                return (
+                    patch,
+                    "explicit opt-in: the source's opt-in column turned on after the end "
+                    "user's opt-out",
+                )
+            return dataclasses.replace(patch, opt_out=None), None
+        if patch.opt_out is OptOut.NONE:
+            if patch.opt_in_reason:
+                self._drop_hold(key)
+                return patch, f"explicit opt-in after the end user's opt-out: {patch.opt_in_reason}"
+            return dataclasses.replace(patch, opt_out=None), None
+        return patch, None
+
+    def stop(self, key: str, at: str, cause: Cause) -> bool:
+        """The person at this endpoint's address opted out themselves: OptOut ALL, held.
+
+        False if the endpoint is not in the batch.
+        """
+        row = self.rows.get(key)
+        if row is None or row.endpoint.address is None:
+            return False
+        existing = row.endpoint
+        assert existing.address is not None
+        held = self.holds.get(key)
+        if held is not None and held.address == existing.address:
+            hold = dataclasses.replace(held, at=max(held.at, at), detail=cause.detail)
+        else:
+            hold = Hold(existing.address, at, existing.opt_out, cause.detail)
+        self._keep_hold(key, hold)
+        if existing.opt_out is not OptOut.ALL:
+            endpoint = dataclasses.replace(existing, opt_out=OptOut.ALL, effective_date=self.now)
+            self._set(key, endpoint)
+            self._record(endpoint, existing.opt_out, OptOut.ALL, cause)
+        return True
 
     def _check_names(self, e: Endpoint) -> None:
         if not (e.attributes or e.user_attributes or e.metrics):
@@ -267,6 +387,9 @@ class WriteBatch:
             held = [p for p in (existing and existing.source_position, self.tombs.get(key)) if p]
             if held and max(held) >= patch.position:
                 return False
+        opt_in_detail = None
+        if self.holds:
+            patch, opt_in_detail = self._held(key, existing, patch, cause)
         validate_patch(patch)
         request_id = cause.ref if cause.kind is CauseKind.API else os.urandom(16).hex()
         endpoint = merge(
@@ -302,8 +425,17 @@ class WriteBatch:
         if patch.user_attributes and endpoint.user_id:
             self._sync_user_attributes(endpoint, patch.user_attributes)
         before = existing.opt_out if existing else None
-        if before is not endpoint.opt_out:
-            self._record(endpoint, before, endpoint.opt_out, cause)
+        moved = existing is not None and existing.address != endpoint.address
+        if before is not endpoint.opt_out or moved:
+            self._record(
+                endpoint,
+                before,
+                endpoint.opt_out,
+                cause,
+                source_time=patch.source_time,
+                address_before=existing.address if moved and existing else None,
+                detail=_opt_in_detail(cause, patch, opt_in_detail),
+            )
         if patch.position is not None and self.tombs.pop(key, None) is not None:
             self.tombs_written.pop(key, None)
             self.tombs_removed.add(key)
@@ -333,5 +465,16 @@ class WriteBatch:
         if row.stored is not None:
             self.deleted_pks.append(row.pk)
         self.counts[bucket(endpoint)] -= 1
-        self._record(endpoint, endpoint.opt_out, None, cause)
+        self._drop_hold(key)
+        self._record(endpoint, endpoint.opt_out, None, cause, source_time=delete.source_time)
         return endpoint
+
+
+def _opt_in_detail(cause: Cause, patch: EndpointPatch, lifted: str | None) -> str | None:
+    """The history detail of an upsert: why a hold was lifted, or the opt-in reason given."""
+    if lifted is not None:
+        return f"{cause.detail}; {lifted}" if cause.detail else lifted
+    if patch.opt_in_reason and patch.opt_out is OptOut.NONE:
+        reason = f"opt-in reason: {patch.opt_in_reason}"
+        return f"{cause.detail}; {reason}" if cause.detail else reason
+    return None
