@@ -116,8 +116,9 @@ def open_dlq(settings: Settings) -> DeadLetterQueue:
     return SQLiteDeadLetterQueue(settings.dlq_path)
 
 
-def open_sinks(settings: Settings) -> list[Sink]:
-    """A ``Sink`` for each ``[[sink]]``."""
+def open_sinks(settings: Settings, store: EndpointStore) -> list[Sink]:
+    """A ``Sink`` for each ``[[sink]]``; ``store`` is the engine they deliver from (the
+    pinpoint-api sink reads each changed endpoint's whole state there)."""
     sinks: list[Sink] = []
     for sink in settings.sinks:
         if isinstance(sink, EumSinkSettings):
@@ -132,7 +133,7 @@ def open_sinks(settings: Settings) -> list[Sink]:
             assert isinstance(sink, PinpointApiSinkSettings)
             from optsync.sinks.pinpoint import PinpointApiSink  # noqa: PLC0415
 
-            sinks.append(PinpointApiSink(sink))
+            sinks.append(PinpointApiSink(sink, store))
     return sinks
 
 

@@ -33,8 +33,10 @@ from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
+from optsync.audit import format_duration
 from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
 from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
+from optsync.cli_consent import register as register_consent_commands
 from optsync.config import (
     LOOPBACK_HOSTS,
     ApiSettings,
@@ -701,7 +703,26 @@ def status(config_path: Path | None, data_dir: Path | None) -> None:
         f"{report.lag_events} events, {report.lag_seconds:.3f} s",
     )
     table.add_row("dlq", f"{report.dlq_size} entries", "-")
+    for sink in report.sinks:
+        extra = [f"{sink.dead_letters} dead letters"] if sink.dead_letters else []
+        if sink.waiting:
+            extra.append(f"{sink.waiting} waiting")
+        table.add_row(
+            f"sink {sink.name}",
+            f"{sink.kind}, last delivery {sink.last_delivery or '-'}"
+            + (f" ({', '.join(extra)})" if extra else ""),
+            f"{sink.behind} changes, {sink.lag_seconds:.3f} s",
+        )
     console.print(table)
+    if report.sinks:
+        deadline = format_duration(report.audit_deadline)
+        if report.optouts_overdue:
+            console.print(
+                f"[bold red]{report.optouts_overdue} opt-out(s) overdue[/]: not delivered to "
+                f"every sink within {deadline}; see `optsync audit` and the console's Sinks page"
+            )
+        else:
+            console.print(f"opt-outs overdue: 0 (deadline {deadline})")
     segments = Table(title=f"app {settings.app!r}: {report.endpoints} endpoints")
     for column in ("segment", "total", "eligible"):
         segments.add_column(column)
@@ -833,6 +854,9 @@ def demo(keep: bool) -> None:
     if not ok:
         click.echo("demo FAILED: the eligible counts are not 9 → 5 → 4", err=True)
         sys.exit(1)
+
+
+register_consent_commands(cli, _settings_for)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.backends import open_dlq, open_stream
@@ -14,7 +15,15 @@ from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.stream.base import ChangeStream
 
-__all__ = ("SegmentCount", "Status", "describe_capture", "read_status", "to_prometheus")
+__all__ = (
+    "SegmentCount",
+    "SinkStatus",
+    "Status",
+    "describe_capture",
+    "read_status",
+    "sink_statuses",
+    "to_prometheus",
+)
 
 APPLY_CONSUMER = "apply"
 
@@ -24,6 +33,24 @@ class SegmentCount:
     name: str
     total: int
     eligible: int
+
+
+@dataclass(frozen=True)
+class SinkStatus:
+    """One ``[[sink]]``'s delivery, over every app (read from the engine: any process sees it)."""
+
+    name: str
+    kind: str
+    behind: int
+    """Consent changes not handed to the sink yet."""
+    lag_seconds: float
+    """Age of the oldest change not handed to it (0 when caught up)."""
+    dead_letters: int
+    waiting: int
+    next_wait_end: float | None
+    last_delivery: str | None
+    holder: str | None
+    """The process that delivers it now (None: nobody holds its lease)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,55 @@ class Status:
     capture_waiting: str | None = None
     """Why this process's capture cannot read its source now (it retries); None otherwise, and
     always None when read from another process."""
+    sinks: tuple[SinkStatus, ...] = ()
+    optouts_overdue: int = 0
+    """Opt-outs older than ``[audit] deadline`` that some sink has not delivered."""
+    audit_deadline: float = 0.0
+
+
+_SINK_KINDS = {
+    "EumSinkSettings": "eum-sms",
+    "WebhookSinkSettings": "webhook",
+    "PinpointApiSinkSettings": "pinpoint-api",
+}
+
+
+def _age(iso: str | None, now: float) -> float:
+    if iso is None:
+        return 0.0
+    moment = datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    return max(0.0, now - moment)
+
+
+def sink_statuses(settings: Settings, store: EndpointStore) -> tuple[tuple[SinkStatus, ...], int]:
+    """Every configured sink's status, and the number of overdue opt-outs."""
+    now = time.time()
+    sinks: list[SinkStatus] = []
+    for sink in settings.sinks:
+        states = store.sink_states(sink.name)
+        waits = [s.next_wait_end for s in states if s.next_wait_end is not None]
+        deliveries = [s.last_delivery for s in states if s.last_delivery]
+        sinks.append(
+            SinkStatus(
+                name=sink.name,
+                kind=_SINK_KINDS.get(type(sink).__name__, "sink"),
+                behind=sum(s.behind for s in states),
+                lag_seconds=max((_age(s.oldest_behind, now) for s in states), default=0.0),
+                dead_letters=sum(s.dead_letters for s in states),
+                waiting=sum(s.waiting for s in states),
+                next_wait_end=min(waits) if waits else None,
+                last_delivery=max(deliveries) if deliveries else None,
+                holder=next((s.holder for s in states if s.holder), None),
+            )
+        )
+    overdue = 0
+    if settings.sinks:
+        before = datetime.fromtimestamp(now - settings.audit.deadline, UTC)
+        overdue = store.overdue_opt_outs(
+            [(s.name, s.channels) for s in settings.sinks],
+            before.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        )
+    return tuple(sinks), overdue
 
 
 def _parsed(state: str) -> dict[str, object]:
@@ -123,7 +199,11 @@ def read_status(
                 estimate = store.estimate(app.id, segment.id)
                 name = segment.definition.name or segment.id
                 segments.append(SegmentCount(name, estimate.total, estimate.eligible))
+        sinks, overdue = sink_statuses(settings, store)
         return Status(
+            sinks=sinks,
+            optouts_overdue=overdue,
+            audit_deadline=settings.audit.deadline,
             capture_state=checkpoint,
             stream_head=stats.head,
             apply_offset=offset,
@@ -169,7 +249,29 @@ def to_prometheus(status: Status) -> str:
         "# TYPE optsync_segment_endpoints gauge",
     ]
     for s in status.segments:
-        name = s.name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+        name = _label(s.name)
         lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="total"}} {s.total}')
         lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="eligible"}} {s.eligible}')
+    lines += [
+        "# HELP optsync_optouts_overdue Opt-outs older than [audit] deadline that a sink has "
+        "not delivered.",
+        "# TYPE optsync_optouts_overdue gauge",
+        f"optsync_optouts_overdue {status.optouts_overdue}",
+    ]
+    gauges = (
+        ("sink_lag_changes", "Consent changes not handed to the sink yet.", "behind"),
+        ("sink_lag_seconds", "Age of the oldest change not handed to the sink.", "lag_seconds"),
+        ("sink_dead_letters", "Changes the sink refused for good.", "dead_letters"),
+        ("sink_waiting", "Changes waiting to be tried again (EUM's 30-day rule).", "waiting"),
+    )
+    for metric, help_text, field in gauges:
+        lines += [f"# HELP optsync_{metric} {help_text}", f"# TYPE optsync_{metric} gauge"]
+        for sink in status.sinks:
+            value = getattr(sink, field)
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            lines.append(f'optsync_{metric}{{sink="{_label(sink.name)}"}} {shown}')
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")

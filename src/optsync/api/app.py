@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from optsync.api import apps, endpoints, phone, segments
+from optsync.api import apps, endpoints, opt_outs, phone, segments
 from optsync.api.errors import ApiError, error_reply, from_engine_error
 from optsync.api.routing import Call, Handler, Reply, Router, parse_query
 from optsync.api.sigv4 import SignatureError, SignatureVerifier
@@ -34,7 +34,9 @@ __all__ = ("MAX_PAYLOAD_BYTES", "PinpointApi")
 logger = logging.getLogger(__name__)
 
 MAX_PAYLOAD_BYTES = 7 * 1024 * 1024
-ROUTER = Router([*apps.ROUTES, *endpoints.ROUTES, *segments.ROUTES, *phone.ROUTES])
+ROUTER = Router(
+    [*apps.ROUTES, *endpoints.ROUTES, *opt_outs.ROUTES, *segments.ROUTES, *phone.ROUTES]
+)
 
 # One encoder for every response: json.dumps builds a new one per call for non-default options.
 _JSON = json.JSONEncoder(separators=(",", ":"))
@@ -104,7 +106,7 @@ class PinpointApi:
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             body = await _read_body(receive, headers)
             raw_query = scope.get("query_string", b"").decode("latin-1")
-            self._authenticate(method, raw_path, raw_query, headers, body)
+            key_id = self._authenticate(method, raw_path, raw_query, headers, body)
             call = Call(
                 store=self.store,
                 method=method,
@@ -112,6 +114,7 @@ class PinpointApi:
                 query=parse_query(raw_query) if raw_query else {},
                 body=body,
                 request_id=request_id,
+                context={"key_id": key_id} if key_id else {},
             )
             reply = await _in_thread(functools.partial(_dispatch, route.handler, call))
             response = _json_reply(reply.status, reply.payload, request_id)
@@ -142,11 +145,12 @@ class PinpointApi:
         raw_query: str,
         headers: list[tuple[str, str]],
         body: bytes,
-    ) -> None:
+    ) -> str | None:
+        """The access key id that signed the request (None: the API runs without keys)."""
         if self.verifier is None:
-            return
+            return None
         try:
-            self.verifier.verify(
+            return self.verifier.verify(
                 method=method,
                 host=_header(headers, "host") or "",
                 raw_path=raw_path,

@@ -13,7 +13,8 @@ __all__ = ("ROUTES",)
 
 
 def _cause(call: Call) -> Cause:
-    return Cause(CauseKind.API, call.request_id)
+    key_id = call.context.get("key_id")
+    return Cause(CauseKind.API, call.request_id, f"key {key_id}" if key_id else "")
 
 
 def _accepted(call: Call) -> Reply:

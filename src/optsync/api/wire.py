@@ -158,6 +158,12 @@ def _metrics(raw: dict[str, Any], where: str) -> dict[str, float]:
     return metrics
 
 
+OPT_IN_REASON_ATTRIBUTE = "OptsyncOptInReason"
+"""An ``Attributes`` key read as the reason of an explicit opt-in and never stored: an OptOut
+NONE that gives it lifts an end user's own opt-out (a STOP reply); without it, such an endpoint
+stays opted out."""
+
+
 def endpoint_patch_from_wire(body: Any, endpoint_id: str, where: str = "") -> EndpointPatch:
     """Read an EndpointRequest (or an EndpointBatchItem without its Id)."""
     if not isinstance(body, dict):
@@ -189,8 +195,20 @@ def endpoint_patch_from_wire(body: Any, endpoint_id: str, where: str = "") -> En
     if user is not None:
         user_id = _text(user.get("UserId"), f"{where}User.", "UserId")
         user_attributes = _list_map(user.get("UserAttributes"), f"{where}User.", "UserAttributes")
+    attributes = _list_map(get("Attributes"), where, "Attributes")
+    reason = None
+    if attributes is not None and OPT_IN_REASON_ATTRIBUTE in attributes:
+        attributes = dict(attributes)
+        reason = " ".join(attributes.pop(OPT_IN_REASON_ATTRIBUTE)).strip()
+        if not reason:
+            raise InvalidRequest(
+                f"{where}Attributes.{OPT_IN_REASON_ATTRIBUTE} is empty: say why the person opts "
+                'in again, e.g. ["texted START"]'
+            )
+        attributes = attributes or None
     return EndpointPatch(
         id=endpoint_id,
+        opt_in_reason=reason,
         channel_type=channel_type,
         address=address,
         opt_out=opt_out,
@@ -199,7 +217,7 @@ def endpoint_patch_from_wire(body: Any, endpoint_id: str, where: str = "") -> En
         request_id=request_id,
         user_id=user_id,
         user_attributes=user_attributes,
-        attributes=_list_map(get("Attributes"), where, "Attributes"),
+        attributes=attributes,
         metrics=metrics,
         demographic=demographic,
         location=location,
@@ -304,4 +322,10 @@ def consent_to_wire(change: ConsentChange) -> dict[str, Any]:
         "Address": change.address,
         "Cause": change.cause.kind.value,
         "CauseRef": change.cause.ref,
+        "CauseDetail": change.cause.detail or None,
+        "Seq": change.seq,
+        "ChannelType": change.channel_type.value if change.channel_type else None,
+        "UserId": change.user_id,
+        "SourceCommitTime": change.source_time,
+        "AddressBefore": change.address_before,
     }

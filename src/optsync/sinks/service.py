@@ -33,7 +33,7 @@ class ConsentService:
         self.store = store
         self.app_id = app_id
         self.holder = holder or f"{socket.gethostname()}-{os.getpid()}"
-        self.sinks = [SinkRunner(store, sink, self.holder) for sink in open_sinks(settings)]
+        self.sinks = [SinkRunner(store, sink, self.holder) for sink in open_sinks(settings, store)]
         self.inbound = [
             InboundRunner(store, source, self._app, self.holder)
             for source in open_inbound(settings)
