@@ -1,11 +1,12 @@
 """``optsync audit``: the consent ledger as a file a compliance reviewer can read.
 
 One row per consent change (every app's, oldest first, from ``--since``): who (app, endpoint,
-user, channel; the address, and any number inside the endpoint id, masked unless asked for), what (OptOut before and after, an address
-change), how (the cause: a source change with its position and commit time, an API call with its
-key, a console operator, an end user's STOP, an import) and when (the engine's time, and the
-time it reached each sink, or its state there). An opt-out delivered later than ``[audit]
-deadline`` after it happened, or not yet delivered past it, is marked ``late``.
+user, channel; the address, and any number inside the endpoint id, masked unless asked for),
+what (OptOut before and after, an address change), how (the cause: a source change with its
+position and commit time, an API call with its key, a console operator, an end user's STOP, an
+import) and when (the engine's time, and the time it reached each sink, or its state there).
+An opt-out delivered later than ``[audit] deadline`` after it happened, or not yet delivered
+past it, is marked ``late``.
 """
 
 from __future__ import annotations

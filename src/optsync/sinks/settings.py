@@ -40,7 +40,7 @@ _PINPOINT_KEYS = (
     "secret_access_key_env",
 )
 _INBOUND_KEYS = ("name", "type", "opt_out_list", "region", "endpoint_url", "interval", "writeback")
-_AUDIT_KEYS = ("deadline", "retention")
+_AUDIT_KEYS = ("deadline",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _LIST_NAME = re.compile(r"^([A-Za-z0-9_-]{1,64}|arn:[^\s]+:opt-out-list/[A-Za-z0-9_-]{1,64})$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -94,8 +94,6 @@ class EumInboundSettings:
 class AuditSettings:
     deadline: float = 24 * 3600.0
     """Seconds an opt-out may take to reach every sink before it counts as overdue."""
-    retention_years: int = 4
-    """How long consent history is kept at least (nothing is pruned before)."""
 
 
 def parse_duration(value: object, key: str) -> float:
@@ -315,12 +313,4 @@ def parse_audit(doc: Mapping[str, Any]) -> AuditSettings:
     if not isinstance(table, dict):
         raise ConfigError("[audit] must be a table")
     _refuse(table, _AUDIT_KEYS, "[audit] ")
-    deadline = parse_duration(table.get("deadline", "24h"), "[audit] deadline")
-    retention = table.get("retention", "4y")
-    match = re.match(r"^\s*(\d+)\s*y\s*$", retention) if isinstance(retention, str) else None
-    if match is None or int(match.group(1)) < 4:
-        raise ConfigError(
-            f'[audit] retention = {retention!r}: write years, e.g. "4y" (at least 4: the '
-            "TCPA's limitation period)"
-        )
-    return AuditSettings(deadline=deadline, retention_years=int(match.group(1)))
+    return AuditSettings(deadline=parse_duration(table.get("deadline", "24h"), "[audit] deadline"))
