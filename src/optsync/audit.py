@@ -50,7 +50,7 @@ def audit_records(
         c = row.change
         late = False
         if c.opt_out_after is OptOut.ALL and sinks:
-            due = _instant(c.at) + deadline
+            due = _instant(c.source_time or c.at) + deadline
             for sink in sinks:
                 if row.outcomes.get(sink) == "skipped":
                     continue

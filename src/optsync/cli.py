@@ -210,7 +210,9 @@ def _serve(
             stream=None if pipeline is None else pipeline.stream,
             dlq=None if pipeline is None else pipeline.dlq,
             capture_waiting=None if pipeline is None else (lambda: pipeline.capture_waiting),
-        )
+        ),
+        sinks=settings.sinks,
+        audit=settings.audit,
     )
     mounts = {"/console": console_app}
     if prefs is not None:

@@ -145,7 +145,14 @@ class Pipeline:
                     on_applied=on_applied,
                     sync_interval=SYNC_SECONDS,
                 )
-                consent = ConsentService(settings, store, self.app.id)
+                # run/up: the stable name, so a restart after a crash takes the sinks' leases
+                # back at once instead of waiting for them to run out.
+                consent = ConsentService(
+                    settings,
+                    store,
+                    self.app.id,
+                    holder=_run_worker_name() if "capture" in self.stages else None,
+                )
                 self.consent = None if consent.empty else consent
         except BaseException:
             self._close()

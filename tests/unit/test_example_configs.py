@@ -21,7 +21,17 @@ def test_the_sqlite_example_names_every_key() -> None:
     known = (
         (
             set(config._TOP_KEYS)
-            - {"source", "stream", "engine", "api", "mapping", "segment", "sink", "inbound", "audit"}
+            - {
+                "source",
+                "stream",
+                "engine",
+                "api",
+                "mapping",
+                "segment",
+                "sink",
+                "inbound",
+                "audit",
+            }
         )
         | set(config._API_KEYS)
         | set(config._ENGINE_KEYS)

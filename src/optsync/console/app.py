@@ -7,6 +7,7 @@ package, no build step and nothing from another site.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -26,7 +27,9 @@ from optsync.console.endpoints import EndpointViews
 from optsync.console.pages import ConsoleError, Pages
 from optsync.console.pipeline import PipelineViews
 from optsync.console.segments import SegmentViews
+from optsync.console.sinks import SinkViews
 from optsync.console.web import SecurityHeaders
+from optsync.sinks.settings import AuditSettings, SinkSettings
 
 __all__ = ("COOKIE", "create_console")
 
@@ -36,9 +39,17 @@ COOKIE = "optsync_console"
 _REFUSED_TITLES = {403: "Form refused", 413: "Form too large", 415: "Form not understood"}
 
 
-def create_console(context: ConsoleContext, *, mount_path: str = "/console") -> ASGIApp:
-    """The console over ``context``; ``mount_path`` scopes its session cookie."""
+def create_console(
+    context: ConsoleContext,
+    *,
+    mount_path: str = "/console",
+    sinks: Sequence[SinkSettings] = (),
+    audit: AuditSettings | None = None,
+) -> ASGIApp:
+    """The console over ``context``; ``mount_path`` scopes its session cookie. ``sinks`` and
+    ``audit``: the config's ``[[sink]]`` and ``[audit]``, for the Sinks pages."""
     pages = Pages(context)
+    sink_views = SinkViews(pages, sinks, audit or AuditSettings())
 
     def refuse(request: Request, status: int, reason: str) -> Response:
         message = f"The console did not accept this form: {reason}."
@@ -56,9 +67,10 @@ def create_console(context: ConsoleContext, *, mount_path: str = "/console") -> 
     routes = [
         *SignIn(pages).routes(),
         *AppViews(pages).routes(),
-        *EndpointViews(pages).routes(),
+        *EndpointViews(pages, journeys=sink_views.journeys).routes(),
         *SegmentViews(pages).routes(),
-        *PipelineViews(pages).routes(),
+        *PipelineViews(pages, overdue=sink_views.overdue).routes(),
+        *sink_views.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(

@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import Pages
 from optsync.console.search import DEFAULT_REGION, find_endpoints
+from optsync.console.sinks import Journeys
 from optsync.console.web import checked_form, redirect, safe_next
 from optsync.engine.models import ConsentChange, Endpoint
 from optsync.errors import InvalidRequest, NotFound
@@ -72,8 +73,9 @@ def _facts(endpoint: Endpoint) -> dict[str, list[Fact]]:
 
 
 class EndpointViews:
-    def __init__(self, pages: Pages) -> None:
+    def __init__(self, pages: Pages, journeys: Journeys | None = None) -> None:
         self.pages = pages
+        self.journeys = journeys
 
     def routes(self) -> list[BaseRoute]:
         guard = self.pages.signed_in
@@ -136,6 +138,7 @@ class EndpointViews:
                 title="No such endpoint",
                 message="This app has no endpoint with that id, and never had one.",
             )
+        journeys = await self.journeys(app.id, history) if self.journeys is not None else {}
         return self.pages.render(
             request,
             "endpoint.html",
@@ -145,6 +148,7 @@ class EndpointViews:
             endpoint=endpoint,
             facts=_facts(endpoint) if endpoint else {},
             history=list(reversed(history)),
+            journeys=journeys,
         )
 
     async def reveal(self, request: Request) -> Response:

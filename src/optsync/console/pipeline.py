@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import ConsoleError, Pages
+from optsync.console.sinks import OverdueCount
 from optsync.console.web import checked_form, redirect
 from optsync.status import Status, describe_capture
 
@@ -123,9 +124,10 @@ def _when(epoch: float) -> str:
 
 
 class PipelineViews:
-    def __init__(self, pages: Pages) -> None:
+    def __init__(self, pages: Pages, overdue: OverdueCount | None = None) -> None:
         self.pages = pages
         self.meter = ThroughputMeter()
+        self.overdue = overdue
 
     def routes(self) -> list[BaseRoute]:
         page, json_ = self.pages.signed_in, self.pages.signed_in_json
@@ -145,8 +147,11 @@ class PipelineViews:
     async def show(self, request: Request) -> Response:
         context = self.pages.context
         app = await self.pages.current_app(request)
+        overdue = await self.overdue() if self.overdue is not None else None
         if context.status is None:
-            return self.pages.render(request, "pipeline.html", app=app, nav="pipeline", status=None)
+            return self.pages.render(
+                request, "pipeline.html", app=app, nav="pipeline", status=None, overdue=overdue
+            )
         status, rates = await self._read()
         letters = (
             await run_in_threadpool(context.dead_letters, DLQ_SHOWN) if context.dead_letters else []
@@ -161,6 +166,7 @@ class PipelineViews:
             letters=letters,
             when=_when,
             can_replay=context.replay is not None,
+            overdue=overdue,
         )
 
     async def status(self, request: Request) -> Response:

@@ -202,7 +202,9 @@ class ConsentLedger(ABC):
         self, sinks: Sequence[tuple[str, frozenset[ChannelType] | None]], before: str
     ) -> int:
         """Opt-outs made before ``before`` (ISO-8601 UTC) that some sink, among (name, channels
-        it takes or None for all), has not delivered: after its cursor or a dead letter."""
+        it takes or None for all), has not delivered: after its cursor or a dead letter. An
+        opt-out is made when its source committed it, or when the person sent their STOP
+        (``source_time``), else when the engine recorded it."""
 
     @abstractmethod
     def audit(

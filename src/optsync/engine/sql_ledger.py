@@ -526,7 +526,7 @@ class SqlLedger(ConsentLedger, ABC):
                     rows = self._exec(
                         cur,
                         "SELECT seq FROM consent_history WHERE app_id = ? AND seq > ? AND "
-                        f"opt_out_after = 'ALL' AND at < ?{only}",
+                        f"opt_out_after = 'ALL' AND COALESCE(source_time, at) < ?{only}",
                         (app_id, cursor, before, *params),
                     ).fetchall()
                     overdue.update((app_id, int(r[0])) for r in rows)
@@ -534,7 +534,7 @@ class SqlLedger(ConsentLedger, ABC):
                         cur,
                         "SELECT h.seq FROM sink_dead_letters d JOIN consent_history h ON "
                         "h.app_id = d.app_id AND h.seq = d.seq WHERE d.sink = ? AND d.app_id = ? "
-                        "AND h.opt_out_after = 'ALL' AND h.at < ?",
+                        "AND h.opt_out_after = 'ALL' AND COALESCE(h.source_time, h.at) < ?",
                         (sink, app_id, before),
                     ).fetchall()
                     overdue.update((app_id, int(r[0])) for r in rows)

@@ -307,7 +307,8 @@ class WriteBatch:
         if existing.opt_out is not OptOut.ALL:
             endpoint = dataclasses.replace(existing, opt_out=OptOut.ALL, effective_date=self.now)
             self._set(key, endpoint)
-            self._record(endpoint, existing.opt_out, OptOut.ALL, cause)
+            # source_time: when the person opted out, where the deadline is counted from.
+            self._record(endpoint, existing.opt_out, OptOut.ALL, cause, source_time=at)
         return True
 
     def _check_names(self, e: Endpoint) -> None:
