@@ -59,7 +59,11 @@ def register(cli: click.Group, settings_for: object) -> None:
                   help="The TOML config file (its [[sink]] and [audit] sections).")  # fmt: skip
     @click.option("--since", help="Only changes from this date or time on (UTC).")
     @click.option(
-        "--format", "fmt", type=click.Choice(["csv", "ndjson"]), default="csv", show_default=True
+        "--format",
+        "fmt",
+        type=click.Choice(["csv", "ndjson"]),
+        default="csv",
+        help="csv (a header row) or ndjson (one JSON object a line) [default: csv].",
     )
     @click.option("--output", "-o", type=click.Path(path_type=Path), help="File [default: stdout].")
     @click.option("--reveal", is_flag=True, help="Write addresses whole (they are masked).")
@@ -94,7 +98,8 @@ def register(cli: click.Group, settings_for: object) -> None:
         """Where consent changes are delivered: state, dead letters, replay."""
 
     @sinks.command("list")
-    @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+    @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+                  help="The TOML config file (its [[sink]] sections).")  # fmt: skip
     def sinks_list(config_path: Path) -> None:
         """Each sink's cursor, lag, dead letters and waiting changes."""
         from optsync.status import sink_statuses  # noqa: PLC0415
@@ -123,7 +128,8 @@ def register(cli: click.Group, settings_for: object) -> None:
         )
 
     @sinks.command("replay")
-    @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True)
+    @click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
+                  help="The TOML config file (its [[sink]] sections).")  # fmt: skip
     @click.argument("sink")
     @click.argument("seqs", nargs=-1, type=int)
     def sinks_replay(config_path: Path, sink: str, seqs: tuple[int, ...]) -> None:

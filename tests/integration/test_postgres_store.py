@@ -31,7 +31,7 @@ from optsync.engine.models import (
     OptOut,
 )
 from optsync.engine.postgres import MIGRATIONS, PostgresStore
-from optsync.engine.postgres_database import translate_error
+from optsync.engine.postgres_database import migrate, translate_error
 from optsync.errors import ConfigError, Fatal, LimitExceeded, NotFound, Retryable
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,26 @@ def test_engine_and_dlq_share_one_database(database: str) -> None:
     with closing(PostgresStore(database)) as store, closing(PostgresDeadLetterQueue(database)):
         store.create_app("a")
     versions = side(database, "SELECT component, version FROM schema_version ORDER BY 1, 2")
-    assert versions == [("dlq", 1), ("engine", 1)]
+    assert versions == [("dlq", 1), *(("engine", m.version) for m in MIGRATIONS)]
+
+
+def test_an_engine_of_version_1_gets_the_consent_ledger(database: str) -> None:
+    """A database written before the ledger: its history keeps its rows and gains the columns."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        migrate(conn, "engine", MIGRATIONS[:1], database, "engine database")
+        conn.execute(
+            "INSERT INTO apps (id, name, creation_date, tags, seq) VALUES "
+            "('a1', 'old', '2026-01-01T00:00:00.000Z', '{}', nextval('apps_seq'))"
+        )
+        conn.execute(
+            "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, opt_out_before, "
+            "opt_out_after, address, cause_kind, cause_ref) VALUES ('a1', 'e1', 'e1', "
+            "'2026-01-01T00:00:00.000Z', NULL, 'ALL', '+12065550100', 'api', 'r1')"
+        )
+    with closing(PostgresStore(database)) as store:
+        (old,) = store.consent_changes("a1", 0, 10)
+        assert (old.opt_out_after, old.cause.detail, old.channel_type) == (OptOut.ALL, "", None)
+        assert store.claim_lease("sink:x", "me", 10)
 
 
 def test_every_text_column_compares_bytes(database: str) -> None:

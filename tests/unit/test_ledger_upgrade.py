@@ -1,0 +1,49 @@
+"""An engine file written before the consent ledger (schema 2) opens, keeps its history rows and
+gains the ledger's columns and tables."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, OptOut
+from optsync.engine.sqlite import SCHEMA_VERSION, SQLiteStore
+
+OLD_HISTORY = """
+CREATE TABLE consent_history (
+    seq INTEGER PRIMARY KEY, app_id TEXT NOT NULL, endpoint_key TEXT NOT NULL,
+    endpoint_id TEXT NOT NULL, at TEXT NOT NULL, opt_out_before TEXT, opt_out_after TEXT,
+    address TEXT, cause_kind TEXT NOT NULL, cause_ref TEXT NOT NULL
+)
+"""
+
+
+def test_a_schema_2_engine_file_gets_the_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "engine.db"
+    with closing(SQLiteStore(path)) as store:
+        app = store.create_app("old").id
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TABLE consent_history")
+        conn.execute(OLD_HISTORY)
+        conn.execute(
+            "INSERT INTO consent_history (app_id, endpoint_key, endpoint_id, at, opt_out_before, "
+            "opt_out_after, address, cause_kind, cause_ref) VALUES (?, 'e1', 'e1', "
+            "'2026-01-01T00:00:00.000Z', NULL, 'ALL', '+12065550100', 'api', 'r1')",
+            (app,),
+        )
+        conn.execute("PRAGMA user_version = 2")
+        conn.commit()
+    with closing(SQLiteStore(path)) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        (old,) = store.consent_changes(app, 0, 10)
+        assert (old.opt_out_after, old.cause.detail, old.channel_type) == (OptOut.ALL, "", None)
+        store.write_endpoints(
+            app,
+            [EndpointPatch(id="e2", channel_type=ChannelType.SMS, address="+12065550101")],
+            Cause(CauseKind.API, "r2"),
+        )
+        assert [c.channel_type for c in store.consent_changes(app, old.seq, 10)] == [
+            ChannelType.SMS
+        ]
+        assert store.claim_lease("sink:x", "me", 10)
