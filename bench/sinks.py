@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -95,7 +96,11 @@ def webhook_direct(url: str, n: int) -> float:
             "POST",
             url,
             body=body,
-            headers={"Content-Type": "application/json", "Optsync-Signature": header},
+            headers={
+                "Content-Type": "application/json",
+                "Optsync-Signature": header,
+                "Optsync-Delivery": str(uuid.uuid4()),
+            },
         )
         assert reply.status == 200, reply.status
     return time.perf_counter() - started
