@@ -31,6 +31,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from optsync.api.wire import endpoint_to_wire
 from optsync.engine.endpoints import MAX_BATCH_ITEMS, endpoint_key
 from optsync.engine.models import ConsentChange, Endpoint
 from optsync.engine.store import EndpointStore
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
     from mypy_boto3_pinpoint import PinpointClient
     from mypy_boto3_pinpoint.type_defs import (
         EndpointBatchItemTypeDef,
-        EndpointDemographicTypeDef,
-        EndpointLocationTypeDef,
-        EndpointUserTypeDef,
     )
 
 __all__ = ("PinpointApiSink", "endpoint_item")
@@ -58,57 +56,29 @@ _REFUSED = (400, 413)
 """Statuses that say the request's content is refused (split the call to find which item)."""
 
 
+_BATCH_ITEM_KEYS = (
+    "Address",
+    "Attributes",
+    "ChannelType",
+    "Demographic",
+    "EffectiveDate",
+    "EndpointStatus",
+    "Id",
+    "Location",
+    "Metrics",
+    "OptOut",
+    "User",
+)
+"""The fields of an EndpointResponse that an EndpointBatchItem carries (RequestId is ours)."""
+
+
 def endpoint_item(endpoint: Endpoint, request_id: str) -> EndpointBatchItemTypeDef:
-    """An ``EndpointBatchItem`` holding the whole state of ``endpoint``."""
-    item: EndpointBatchItemTypeDef = {
-        "Id": endpoint.id,
-        "ChannelType": endpoint.channel_type.value,
-        "OptOut": endpoint.opt_out.value,
-        "EndpointStatus": endpoint.endpoint_status.value,
-        "EffectiveDate": endpoint.effective_date,
-        "RequestId": request_id,
-    }
-    if endpoint.address is not None:
-        item["Address"] = endpoint.address
-    if endpoint.attributes:
-        item["Attributes"] = {k: list(v) for k, v in endpoint.attributes.items()}
-    if endpoint.metrics:
-        item["Metrics"] = dict(endpoint.metrics)
-    d, loc = endpoint.demographic, endpoint.location
-    demographic = _given(
-        AppVersion=d.app_version,
-        Locale=d.locale,
-        Make=d.make,
-        Model=d.model,
-        ModelVersion=d.model_version,
-        Platform=d.platform,
-        PlatformVersion=d.platform_version,
-        Timezone=d.timezone,
-    )
-    if demographic:
-        item["Demographic"] = cast("EndpointDemographicTypeDef", demographic)
-    location = _given(
-        City=loc.city,
-        Country=loc.country,
-        Latitude=loc.latitude,
-        Longitude=loc.longitude,
-        PostalCode=loc.postal_code,
-        Region=loc.region,
-    )
-    if location:
-        item["Location"] = cast("EndpointLocationTypeDef", location)
-    user = _given(
-        UserId=endpoint.user_id,
-        UserAttributes={k: list(v) for k, v in endpoint.user_attributes.items()} or None,
-    )
-    if user:
-        item["User"] = cast("EndpointUserTypeDef", user)
-    return item
-
-
-def _given(**fields: object) -> dict[str, object]:
-    """The fields that have a value."""
-    return {k: v for k, v in fields.items() if v is not None}
+    """An ``EndpointBatchItem`` holding the whole state of ``endpoint``: the API's own
+    EndpointResponse, without the fields a request cannot set and the empty maps."""
+    wire = endpoint_to_wire(endpoint)
+    item = {k: wire[k] for k in _BATCH_ITEM_KEYS if wire.get(k) not in (None, {})}
+    item["RequestId"] = request_id
+    return cast("EndpointBatchItemTypeDef", item)
 
 
 @dataclass
