@@ -19,7 +19,8 @@ the opt-in flag, the user id and the attributes. Decisions:
   default replica identity, DMS's pk-only filter) cannot name the old endpoint: the update is a
   plain upsert.
 - Addresses: SMS and VOICE in E.164 (``phone.normalize`` under the rule's policy); EMAIL
-  stripped and lower-cased, exactly one ``@``; other channels as they are.
+  stripped, lower-cased and checked (``engine.email``: one ``@``, a routable local part, a host
+  name with a dot); other channels as they are.
 - EffectiveDate: an epoch time (seconds, milliseconds or microseconds by magnitude), as a number
   or as text of nine digits or more (a SQLite TEXT column), becomes ISO-8601 UTC; other text is
   passed on as it is. An epoch time outside the years 1 to 9999 is a ``MappingError``.
@@ -37,6 +38,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from optsync.engine.email import EmailError, normalize_email
 from optsync.engine.endpoints import endpoint_key
 from optsync.engine.models import ChannelType, EndpointDelete, EndpointPatch, OptOut
 from optsync.engine.phone import PhonePolicy, normalize
@@ -354,14 +356,12 @@ def _address(rule: MappingRule, row: Row) -> str:
             )
         return phone.e164
     if rule.channel is ChannelType.EMAIL:
-        email = text.lower()
-        local, _, domain = email.partition("@")
-        if not local or not domain or "@" in domain:
+        try:
+            return normalize_email(text)
+        except EmailError as exc:
             raise MappingError(
-                f"column {column!r} does not hold an e-mail address "
-                "(exactly one '@' with text on both sides)"
-            )
-        return email
+                f"column {column!r} does not hold an e-mail address ({exc})"
+            ) from None
     return str(value)
 
 
