@@ -37,6 +37,7 @@ from optsync.audit import format_duration
 from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
 from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
 from optsync.cli_consent import register as register_consent_commands
+from optsync.cli_lambda import register as register_lambda_commands
 from optsync.cli_replay import register as register_replay_command
 from optsync.config import (
     LOOPBACK_HOSTS,
@@ -861,6 +862,7 @@ def demo(keep: bool) -> None:
 
 register_consent_commands(cli, _settings_for)
 register_replay_command(cli, _settings_for)
+register_lambda_commands(cli)
 
 
 def main() -> None:

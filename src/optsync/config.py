@@ -50,6 +50,7 @@ __all__ = (
     "load_settings",
     "load_or_create_credentials",
     "parse_listen",
+    "parse_mappings",
 )
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -618,6 +619,14 @@ def _mappings(doc: Mapping[str, Any], policy: PhonePolicy) -> tuple[MappingRule,
             )
         )
     return tuple(rules)
+
+
+def parse_mappings(
+    raw: object, policy: PhonePolicy = PhonePolicy.POSSIBLE
+) -> tuple[MappingRule, ...]:
+    """Mapping rules from a list of ``[[mapping]]`` tables given some other way (the Lambda's
+    ``OPTSYNC_MAPPING`` JSON), with the same keys and checks as the config file."""
+    return _mappings({"mapping": raw}, policy)
 
 
 def load_or_create_credentials(data_dir: Path) -> tuple[dict[str, str], bool]:
