@@ -37,6 +37,10 @@ _MIN_HEX_ID = 8
 """Hex characters a hex id has at least (twice that with dashes: 'ab-555-123-4567' is no id)."""
 
 
+# A phone number percent-encoded in a URL (an endpoint id such as u1_%2B12065550101): ``%2B``
+# would otherwise join its digits into a hex id.
+_ENCODED_PHONE = re.compile(r"(?i)%2B(\d{7,15})(?!\d)")
+
 # The password of a URL (scheme://user:password@host), however it is written.
 _URL_PASSWORD = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:\s/@]*):[^@\s]*@")
 
@@ -63,6 +67,7 @@ def mask(text: str) -> str:
     """Replace e-mail addresses and phone numbers, keeping the last two digits as a hint, and
     the password of any URL; hex ids (UUIDs) and ISO-8601 timestamps are left as they are."""
     text = _URL_PASSWORD.sub(r"\1:***@", text)
+    text = _ENCODED_PHONE.sub(lambda m: "%2B" + _hidden(m.group(1)), text)
     text = _EMAIL.sub(lambda m: "***@" + m.group(0).split("@", 1)[1], text)
     return _PHONE_OR_KEPT.sub(_masked, text)
 

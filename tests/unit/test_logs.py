@@ -30,6 +30,8 @@ from optsync.logs import PersonalDataFilter, mask
         ("at 2026-12-03T06:45:49.123Z and 2026-12-03T06:45:49+00:00", None),
         ("user1_2065550142 and id=7-2065550142", "user1_***42 and id=7-***42"),
         ("x=ab-555-123-4567 y=12-555-123-4567", "x=ab-***67 y=12-***67"),
+        ("GET /v1/apps/a/endpoints/u1_%2B12065550101", "GET /v1/apps/a/endpoints/u1_%2B***01"),
+        ("url=/e/u1_%2b12065550101?x=1", "url=/e/u1_%2B***01?x=1"),
     ],
 )
 def test_mask(text: str, expected: str | None) -> None:
