@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -35,7 +35,7 @@ from optsync.engine.models import (
 )
 from optsync.engine.segments import SegmentDefinition, definition_from_wire
 from optsync.engine.sql import SqlStore, StoreSettings
-from optsync.engine.store import EndpointStore, Segment
+from optsync.engine.store import EndpointStore, ImportDefinition, Segment
 from optsync.errors import InvalidRequest, LimitExceeded, NotFound
 
 StoreFactory = Callable[[StoreSettings], EndpointStore]  # the make_store fixture of conftest
@@ -170,6 +170,10 @@ UNKNOWN_APP_CALLS: dict[str, Callable[[EndpointStore, str, str], object]] = {
     "list_segment_versions": lambda s, a, seg: s.list_segment_versions(a, seg, 10, None),
     "delete_segment": lambda s, a, seg: s.delete_segment(a, seg),
     "estimate": lambda s, a, seg: s.estimate(a, seg),
+    "create_import_segment": lambda s, a, _seg: s.create_import_segment(
+        a, "imported", ["e1"], ImportDefinition("CSV", "file.csv")
+    ),
+    "iter_endpoints": lambda s, a, _seg: s.iter_endpoints(a),
 }
 
 
@@ -872,6 +876,7 @@ SEGMENT_CALLS: dict[str, Callable[[EndpointStore, str, str], object]] = {
     "list_segment_versions": lambda s, a, seg: s.list_segment_versions(a, seg, 10, None),
     "delete_segment": lambda s, a, seg: s.delete_segment(a, seg),
     "estimate": lambda s, a, seg: s.estimate(a, seg),
+    "iter_endpoints": lambda s, a, seg: s.iter_endpoints(a, segment_id=seg),
 }
 
 
@@ -1594,3 +1599,188 @@ def test_batched_writes_equal_one_at_a_time(
     assert any(v[3] == "INACTIVE" for v in state_b["endpoints"].values())
     _check_side_rows(batched, app_b)
     _check_side_rows(single, app_s)
+
+
+# IMPORT segments and iter_endpoints -----------------------------------------------------------
+
+FILE = ImportDefinition("CSV", "s3://bucket/endpoints.csv", external_id="ext", size=6)
+
+
+def import_fixture(store: EndpointStore, app_id: str) -> Segment:
+    """Five endpoints (one opted out, one inactive, one e-mail) and an IMPORT segment of four
+    of them plus an id no endpoint has, one id given twice in another case."""
+    write(
+        store,
+        app_id,
+        sms("a-1", "+12341111111"),
+        sms("A-2", "+12341111112", opt_out=OptOut.ALL),
+        sms("a-3", "+12341111113", endpoint_status=EndpointStatus.INACTIVE),
+        EndpointPatch(id="a-4", channel_type=ChannelType.EMAIL, address="a4@example.com"),
+        sms("b-5", "+12341111115"),
+    )
+    ids = ["A-1", "a-2", "a-3", "a-4", "ghost", "a-1"]
+    return store.create_import_segment(app_id, "imported", iter(ids), FILE)
+
+
+def ids_of(endpoints: Iterable[Any]) -> list[str]:
+    return [e.id for e in endpoints]
+
+
+def member_rows(store: EndpointStore) -> int:
+    """Rows of the store's member table: the interface cannot show stray members."""
+    assert isinstance(store, SqlStore)
+    with store._read() as cur:
+        return int(cur.execute("SELECT COUNT(*) FROM segment_members").fetchone()[0])
+
+
+def test_import_segment_has_its_type_source_and_channel_counts(
+    store: EndpointStore, app_id: str
+) -> None:
+    segment = import_fixture(store, app_id)
+
+    for got in (
+        segment,
+        store.get_segment(app_id, segment.id),
+        store.get_segment(app_id, segment.id, version=1),
+        store.list_segments(app_id, 10, None).items[0],
+        store.list_segment_versions(app_id, segment.id, 10, None).items[0],
+    ):
+        assert got.segment_type == "IMPORT"
+        assert got.definition.name == "imported"
+        assert got.definition.dimensions is None and got.definition.groups is None
+        source = got.import_definition
+        assert source is not None
+        assert (source.format, source.s3_url, source.external_id, source.size) == (
+            "CSV", "s3://bucket/endpoints.csv", "ext", 6,
+        )  # fmt: skip
+        assert dict(source.channel_counts) == {"SMS": 3, "EMAIL": 1}
+
+
+def test_import_segment_estimate_counts_existing_members_and_eligible_ones(
+    store: EndpointStore, app_id: str
+) -> None:
+    segment = import_fixture(store, app_id)
+
+    # a-1 and a-4 eligible; A-2 (opted out) and a-3 (inactive) stay members; ghost is missing.
+    assert store.estimate(app_id, segment.id) == Estimate(total=4, eligible=2)
+
+
+def test_import_segment_members_follow_deletion_and_recreation(
+    store: EndpointStore, app_id: str
+) -> None:
+    segment = import_fixture(store, app_id)
+
+    store.delete_endpoint(app_id, "a-1", API)
+    assert store.estimate(app_id, segment.id) == Estimate(total=3, eligible=1)
+    write(store, app_id, sms("GHOST", "+12341111119"), sms("A-1", "+12341111111"))
+    assert store.estimate(app_id, segment.id) == Estimate(total=5, eligible=3)
+    assert ids_of(store.iter_endpoints(app_id, segment_id=segment.id)) == [
+        "A-1", "A-2", "a-3", "a-4", "GHOST",
+    ]  # fmt: skip
+    source = store.get_segment(app_id, segment.id).import_definition
+    assert source is not None and dict(source.channel_counts) == {"SMS": 4, "EMAIL": 1}
+
+
+def test_iter_endpoints_walks_the_app_a_segment_or_an_import(
+    store: EndpointStore, app_id: str
+) -> None:
+    segment = import_fixture(store, app_id)
+    write(store, app_id, sms("c-6", GB_NUMBER))
+    us = create_segment(store, app_id, country_segment("US"))
+
+    def walk(segment_id: str | None, eligible_only: bool = False) -> list[str]:
+        found = store.iter_endpoints(app_id, segment_id=segment_id, eligible_only=eligible_only)
+        return ids_of(found)
+
+    assert walk(None) == ["a-1", "A-2", "a-3", "a-4", "b-5", "c-6"]
+    assert walk(None, eligible_only=True) == ["a-1", "a-4", "b-5", "c-6"]
+    assert walk(us.id) == ["a-1", "A-2", "a-3", "b-5"]
+    assert walk(us.id, eligible_only=True) == ["a-1", "b-5"]
+    assert walk(segment.id) == ["a-1", "A-2", "a-3", "a-4"]
+    assert walk(segment.id, eligible_only=True) == ["a-1", "a-4"]
+    # The same filter as the estimate: the two agree.
+    for seg in (us.id, segment.id):
+        assert store.estimate(app_id, seg) == Estimate(len(walk(seg)), len(walk(seg, True)))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 7])
+def test_iter_endpoints_pages_across_batch_boundaries(
+    store: EndpointStore, app_id: str, batch: int
+) -> None:
+    ids = [f"E-{i:02d}" for i in range(12)]
+    write(store, app_id, *(sms(i, f"+123411111{n:02d}") for n, i in enumerate(ids)))
+    segment = store.create_import_segment(app_id, "all", ids[::-1], FILE)
+
+    assert ids_of(store.iter_endpoints(app_id, batch=batch)) == ids
+    assert ids_of(store.iter_endpoints(app_id, segment_id=segment.id, batch=batch)) == ids
+    with pytest.raises(InvalidRequest, match="batch"):
+        store.iter_endpoints(app_id, batch=0)
+
+
+def test_import_segment_is_created_whole_or_not_at_all(store: EndpointStore, app_id: str) -> None:
+    def ids() -> Iterator[str]:
+        for i in range(10_050):  # past the first batch of 10,000
+            yield f"id-{i}"
+        raise RuntimeError("the file broke off")
+
+    with pytest.raises(RuntimeError, match="broke off"):
+        store.create_import_segment(app_id, "broken", ids(), FILE)
+    with pytest.raises(InvalidRequest, match="non-empty"):
+        store.create_import_segment(app_id, "empty id", ["a", ""], FILE)
+    with pytest.raises(InvalidRequest, match="Format"):
+        store.create_import_segment(app_id, "xml", ["a"], ImportDefinition("XML", "f.xml"))
+
+    assert store.list_segments(app_id, 10, None).items == ()
+    assert member_rows(store) == 0
+
+
+def test_import_segment_takes_a_new_name_but_no_filter(store: EndpointStore, app_id: str) -> None:
+    segment = import_fixture(store, app_id)
+
+    renamed = store.update_segment(app_id, segment.id, definition({}, name="renamed"))
+
+    assert (renamed.version, renamed.segment_type, renamed.definition.name) == (
+        2, "IMPORT", "renamed",
+    )  # fmt: skip
+    assert renamed.import_definition is not None
+    assert renamed.import_definition.s3_url == FILE.s3_url
+    assert store.estimate(app_id, segment.id) == Estimate(total=4, eligible=2)
+    assert store.estimate(app_id, segment.id, version=1) == Estimate(total=4, eligible=2)
+    for field_name, wire in (
+        ("Dimensions", country_segment("US")),
+        ("SegmentGroups", {"SegmentGroups": {"Groups": []}}),
+    ):
+        with pytest.raises(InvalidRequest, match=field_name):
+            store.update_segment(app_id, segment.id, definition(wire))
+    assert store.get_segment(app_id, segment.id).version == 2
+
+
+def test_dimensional_segment_can_filter_an_import(store: EndpointStore, app_id: str) -> None:
+    segment = import_fixture(store, app_id)
+    channel = {"Demographic": {"Channel": {"Values": ["SMS"]}}}
+    group = {"SourceSegments": [{"Id": segment.id}], "Dimensions": [channel]}
+    sms_members = create_segment(store, app_id, {"SegmentGroups": {"Groups": [group]}})
+
+    assert store.estimate(app_id, sms_members.id) == Estimate(total=3, eligible=1)
+    assert ids_of(store.iter_endpoints(app_id, segment_id=sms_members.id)) == [
+        "a-1", "A-2", "a-3",
+    ]  # fmt: skip
+
+
+def test_delete_segment_and_delete_app_remove_members(store: EndpointStore) -> None:
+    app_id = store.create_app("members").id
+    other = store.create_app("other").id
+    segment = import_fixture(store, app_id)
+    kept = store.create_import_segment(other, "kept", ["x", "y"], FILE)
+
+    deleted = store.delete_segment(app_id, segment.id)
+    assert deleted.segment_type == "IMPORT"
+    with pytest.raises(NotFound):
+        store.estimate(app_id, segment.id)
+    assert member_rows(store) == 2
+
+    again = store.create_import_segment(app_id, "again", ["a-1"], FILE)
+    assert store.estimate(app_id, again.id) == Estimate(total=1, eligible=1)
+    store.delete_app(app_id)
+    assert member_rows(store) == 2
+    assert store.estimate(other, kept.id) == Estimate(total=0, eligible=0)

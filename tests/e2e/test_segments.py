@@ -6,7 +6,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from pinpoint_e2e import HEX_ID, ISO_MILLIS_Z, Signed
+from pinpoint_e2e import HEX_ID, ISO_MILLIS_Z, Server, Signed
+
+from optsync.engine.sqlite import SQLiteStore
+from optsync.engine.store import ImportDefinition
 
 if TYPE_CHECKING:
     from mypy_boto3_pinpoint import PinpointClient
@@ -318,3 +321,62 @@ def test_source_segment_must_exist(pinpoint: PinpointClient, app_id: str) -> Non
         )
     assert excinfo.value.response["Error"]["Code"] in {"BadRequestException", "NotFoundException"}
     assert pinpoint.get_segments(ApplicationId=app_id)["SegmentsResponse"]["Item"] == []
+
+
+def test_import_segment_reads_as_pinpoint_shows_it(
+    pinpoint: PinpointClient, signed: Signed, server: Server, app_id: str
+) -> None:
+    # No route creates IMPORT segments (imports are the CLI's): the test writes it into the
+    # server's own engine file, as ``optsync import-pinpoint`` does, and reads it over the API.
+    items: list[Any] = [
+        {"Id": "sms-1", "ChannelType": "SMS", "Address": "+12065550131"},
+        {"Id": "sms-2", "ChannelType": "SMS", "Address": "+12065550132", "OptOut": "ALL"},
+        {"Id": "mail-1", "ChannelType": "EMAIL", "Address": "mail-1@example.com"},
+    ]
+    pinpoint.update_endpoints_batch(ApplicationId=app_id, EndpointBatchRequest={"Item": items})
+    store = SQLiteStore(server.log.parent / "data" / "engine.db")
+    try:
+        source = ImportDefinition("CSV", "s3://bucket/list.csv", size=4)
+        members = ["SMS-1", "sms-2", "mail-1", "gone"]
+        segment_id = store.create_import_segment(app_id, "imported", members, source).id
+    finally:
+        store.close()
+
+    got = pinpoint.get_segment(ApplicationId=app_id, SegmentId=segment_id)["SegmentResponse"]
+    assert got["SegmentType"] == "IMPORT"
+    assert got["Name"] == "imported"
+    assert "Dimensions" not in got and "SegmentGroups" not in got
+    assert got["ImportDefinition"] == {
+        "ChannelCounts": {"EMAIL": 1, "SMS": 2},
+        "ExternalId": "",
+        "Format": "CSV",
+        "RoleArn": "",
+        "S3Url": "s3://bucket/list.csv",
+        "Size": 4,
+    }
+    listed = pinpoint.get_segments(ApplicationId=app_id)["SegmentsResponse"]["Item"]
+    assert [(s["Id"], s["SegmentType"]) for s in listed] == [(segment_id, "IMPORT")]
+    assert signed.estimate(app_id, segment_id) == (3, 2)  # sms-2 opted out; "gone" missing
+
+    with pytest.raises(pinpoint.exceptions.BadRequestException) as excinfo:
+        pinpoint.update_segment(
+            ApplicationId=app_id,
+            SegmentId=segment_id,
+            WriteSegmentRequest={"Dimensions": US_ONLY},
+        )
+    assert "Dimensions" in excinfo.value.response["Error"]["Message"]
+    renamed = pinpoint.update_segment(
+        ApplicationId=app_id, SegmentId=segment_id, WriteSegmentRequest={"Name": "renamed"}
+    )["SegmentResponse"]
+    assert (renamed["Version"], renamed["SegmentType"], renamed["Name"]) == (2, "IMPORT", "renamed")
+    first = pinpoint.get_segment_version(ApplicationId=app_id, SegmentId=segment_id, Version="1")
+    assert first["SegmentResponse"]["ImportDefinition"]["S3Url"] == "s3://bucket/list.csv"
+
+    pinpoint.delete_endpoint(ApplicationId=app_id, EndpointId="mail-1")
+    assert signed.estimate(app_id, segment_id) == (2, 1)
+    again = pinpoint.get_segment(ApplicationId=app_id, SegmentId=segment_id)["SegmentResponse"]
+    assert again["ImportDefinition"]["ChannelCounts"] == {"SMS": 2}
+    deleted = pinpoint.delete_segment(ApplicationId=app_id, SegmentId=segment_id)
+    assert deleted["SegmentResponse"]["SegmentType"] == "IMPORT"
+    with pytest.raises(pinpoint.exceptions.NotFoundException):
+        pinpoint.get_segment(ApplicationId=app_id, SegmentId=segment_id)

@@ -1,5 +1,6 @@
 """An engine file written before the consent ledger (schema 2) opens, keeps its history rows and
-gains the ledger's columns and tables."""
+gains the ledger's columns and tables; one written before IMPORT segments (schema 3) keeps its
+segments and gains the member table and the import columns."""
 
 from __future__ import annotations
 
@@ -7,14 +8,25 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, OptOut
+from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, Estimate, OptOut
+from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SCHEMA_VERSION, SQLiteStore
+from optsync.engine.store import ImportDefinition
 
 OLD_HISTORY = """
 CREATE TABLE consent_history (
     seq INTEGER PRIMARY KEY, app_id TEXT NOT NULL, endpoint_key TEXT NOT NULL,
     endpoint_id TEXT NOT NULL, at TEXT NOT NULL, opt_out_before TEXT, opt_out_after TEXT,
     address TEXT, cause_kind TEXT NOT NULL, cause_ref TEXT NOT NULL
+)
+"""
+
+OLD_SEGMENTS = """
+CREATE TABLE segments (
+    app_id TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL,
+    segment_type TEXT NOT NULL, creation_date TEXT NOT NULL, last_modified_date TEXT NOT NULL,
+    definition TEXT NOT NULL, name TEXT, tags TEXT NOT NULL,
+    PRIMARY KEY (app_id, id, version)
 )
 """
 
@@ -47,3 +59,41 @@ def test_a_schema_2_engine_file_gets_the_ledger(tmp_path: Path) -> None:
             ChannelType.SMS
         ]
         assert store.claim_lease("sink:x", "me", 10)
+
+
+def test_a_schema_3_engine_file_gets_import_segments(tmp_path: Path) -> None:
+    path = tmp_path / "engine.db"
+    with closing(SQLiteStore(path)) as store:
+        app = store.create_app("old").id
+        store.write_endpoints(
+            app,
+            [EndpointPatch(id="e1", channel_type=ChannelType.SMS, address="+12065550101")],
+            Cause(CauseKind.API, "r1"),
+        )
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("DROP TABLE segments")
+        conn.execute("DROP TABLE segment_members")
+        conn.execute(OLD_SEGMENTS)
+        conn.execute(
+            "INSERT INTO segments (app_id, id, version, segment_type, creation_date, "
+            "last_modified_date, definition, name, tags) VALUES (?, 's1', 1, 'DIMENSIONAL', "
+            "'2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z', '{}', 'all', '{}')",
+            (app,),
+        )
+        conn.execute("PRAGMA user_version = 3")
+        conn.commit()
+    with closing(SQLiteStore(path)) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        old = store.get_segment(app, "s1")
+        assert (old.segment_type, old.definition.name, old.import_definition) == (
+            "DIMENSIONAL", "all", None,
+        )  # fmt: skip
+        assert store.estimate(app, "s1") == Estimate(total=1, eligible=1)
+        imported = store.create_import_segment(
+            app, "list", ["E1", "e2"], ImportDefinition("JSON", "endpoints.json", size=2)
+        )
+        assert store.estimate(app, imported.id) == Estimate(total=1, eligible=1)
+        renamed = store.update_segment(
+            app, "s1", definition_from_wire({"Name": "everyone"}, require_name=False)
+        )
+        assert renamed.version == 2

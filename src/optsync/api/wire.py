@@ -295,9 +295,10 @@ def channel_to_wire(channel: Channel, *, with_platform: bool = True) -> dict[str
 
 
 def segment_to_wire(segment: Segment) -> dict[str, Any]:
-    """A SegmentResponse."""
+    """A SegmentResponse: Dimensions or SegmentGroups, or for an IMPORT segment its
+    ImportDefinition."""
     d = segment.definition
-    return _compact(
+    out = _compact(
         {
             "ApplicationId": segment.app_id,
             "Arn": segment.arn,
@@ -309,7 +310,21 @@ def segment_to_wire(segment: Segment) -> dict[str, Any]:
             "tags": dict(d.tags),
             "Version": segment.version,
         }
-    ) | definition_to_wire(d)
+    )
+    source = segment.import_definition
+    if source is None:
+        return out | definition_to_wire(d)
+    # SegmentImportResource: every member the model requires, RoleArn empty (no role is
+    # assumed to read a local file); ChannelCounts are the members that exist now.
+    out["ImportDefinition"] = {
+        "ChannelCounts": dict(source.channel_counts),
+        "ExternalId": source.external_id,
+        "Format": source.format,
+        "RoleArn": "",
+        "S3Url": source.s3_url,
+        "Size": source.size,
+    }
+    return out
 
 
 def consent_to_wire(change: ConsentChange) -> dict[str, Any]:

@@ -251,6 +251,18 @@ def _dimension_words(dims: SegmentDimensions) -> list[str]:
     return lines
 
 
+def describe_import(segment: Segment) -> list[str]:
+    """An IMPORT segment in words: where its members came from and how many exist now."""
+    source = segment.import_definition
+    assert source is not None
+    counts = ", ".join(f"{c} {n:,}" for c, n in sorted(source.channel_counts.items()))
+    return [
+        f"Imported from {source.s3_url} ({source.format}, {source.size:,} endpoints listed)",
+        f"Members that exist now, per channel: {counts or 'none'}",
+        "A static list: opted-out or inactive members stay members but are not eligible",
+    ]
+
+
 def describe(definition: SegmentDefinition) -> list[str]:
     """The segment's filter in words, one condition a line (all must hold)."""
     if definition.groups is not None:
@@ -372,6 +384,19 @@ class SegmentViews:
         segment = await self._segment(app, request)
         estimate = await run_in_threadpool(self.pages.context.store.estimate, app.id, segment.id)
         wire = definition_to_wire(segment.definition)
+        conditions = describe(segment.definition)
+        source = segment.import_definition
+        if source is not None:
+            conditions = describe_import(segment)
+            wire = {
+                "SegmentType": segment.segment_type,
+                "ImportDefinition": {
+                    "ChannelCounts": dict(source.channel_counts),
+                    "Format": source.format,
+                    "S3Url": source.s3_url,
+                    "Size": source.size,
+                },
+            }
         return self.pages.render(
             request,
             "segment.html",
@@ -379,7 +404,7 @@ class SegmentViews:
             nav="segments",
             segment=segment,
             estimate=estimate,
-            conditions=describe(segment.definition),
+            conditions=conditions,
             wire=json.dumps({"Name": segment.definition.name, **wire}, indent=2),
             poll_ms=int(self.pages.context.poll_seconds * 1000),
         )
@@ -387,6 +412,13 @@ class SegmentViews:
     async def edit(self, request: Request) -> Response:
         app = await self.pages.app_or_404(request)
         segment = await self._segment(app, request)
+        if segment.import_definition is not None:
+            raise ConsoleError(
+                409,
+                "This segment is an imported list",
+                "Its members come from the imported file and cannot be filtered here; rename "
+                "it with an UpdateSegment request, or build a segment on it with SegmentGroups.",
+            )
         if segment.definition.groups is not None:
             raise ConsoleError(
                 409,

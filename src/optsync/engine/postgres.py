@@ -230,6 +230,26 @@ _V2 = (
     ),
 )
 
+_V3 = (
+    *(
+        f"ALTER TABLE segments ADD COLUMN {column}"
+        for column in (
+            f"import_format {_TEXT}",
+            f"import_url {_TEXT}",
+            f"import_external_id {_TEXT}",
+            "import_size bigint",
+        )
+    ),
+    # Members of IMPORT segments by endpoint key, in key order: the estimate walks one
+    # segment's entries and joins each to endpoints through its UNIQUE (app_id, id_key).
+    f"""CREATE TABLE segment_members (
+        app_id {_TEXT} NOT NULL,
+        segment_id {_TEXT} NOT NULL,
+        id_key {_TEXT} NOT NULL,
+        PRIMARY KEY (app_id, segment_id, id_key)
+    )""",
+)
+
 MIGRATIONS = (
     Migration(
         1,
@@ -237,6 +257,7 @@ MIGRATIONS = (
         tuple(statement.format(text=_TEXT) for statement in _V1),
     ),
     Migration(2, "the consent ledger: sinks, end users' opt-outs, audit", _V2),
+    Migration(3, "IMPORT segments: segment_members and the import definition columns", _V3),
 )
 """The engine's schema versions, oldest first; a new version is appended, never edited."""
 
@@ -316,6 +337,17 @@ class PostgresStore(SqlStore):
         with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+    def _insert_members(
+        self, cur: Cursor, app_id: str, segment_id: str, keys: Sequence[str]
+    ) -> None:
+        # One statement per batch with one array parameter (executemany: a round of the
+        # pipeline per row); a key repeated within the batch or already there is skipped.
+        cur.execute(
+            "INSERT INTO segment_members (app_id, segment_id, id_key) SELECT %s, %s, k "
+            "FROM unnest(%s::text[]) AS k ON CONFLICT DO NOTHING",
+            (app_id, segment_id, list(keys)),
+        )
 
     def _translate_error(self, exc: Exception) -> Exception:
         return translate_error(exc, self.url, WHAT) if isinstance(exc, psycopg.Error) else exc

@@ -15,7 +15,9 @@ with bound parameters only. Semantics:
   endpoint attribute ``DeviceType``;
 - ``SegmentGroups``: each group is its source segments (ANY: union, ALL: intersection; none:
   every endpoint of the app) AND its dimensions combined by ``Type`` (ALL/ANY/NONE); the groups
-  are combined by ``Include`` (ALL/ANY/NONE).
+  are combined by ``Include`` (ALL/ANY/NONE);
+- an IMPORT segment (``SegmentDefinition.members``), alone or as a source segment, matches the
+  endpoints whose id is in its member list (``segment_members``), compared case-insensitively.
 
 Not supported, refused with a 400 naming the field: ``Location.GPSPoint`` and ``Behavior``
 (optsync keeps no session data to evaluate recency).
@@ -163,6 +165,9 @@ class SegmentDefinition:
     dimensions: SegmentDimensions | None = None
     groups: SegmentGroupList | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    members: str | None = None
+    """Set by the store, never read from the wire: the id of the IMPORT segment whose member
+    list this definition is (a static segment has no filter; it matches its members)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +558,13 @@ class _Sql:
             raise InvalidRequest(
                 f"SourceSegments nest deeper than {MAX_SOURCE_DEPTH} levels (or refer to "
                 "each other in a cycle); flatten the segment definitions"
+            )
+        if definition.members is not None:
+            self.columns.add("id_key")
+            self.side_tables = True
+            return (
+                "e.id_key IN (SELECT m.id_key FROM segment_members m WHERE m.app_id = "
+                f"{self.bind(self.app_id)} AND m.segment_id = {self.bind(definition.members)})"
             )
         if definition.groups is not None:
             return self.groups(definition.groups, depth)

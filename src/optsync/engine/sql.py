@@ -242,6 +242,7 @@ class SqlStore(SqlSegments, SqlLedger, EndpointStore):
                 "end_user_holds",
                 "sink_waiting",
                 "segments",
+                "segment_members",
                 "channels",
                 "attribute_names",
                 "endpoint_counts",

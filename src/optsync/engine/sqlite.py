@@ -18,9 +18,18 @@ __all__ = ("SQLiteStore",)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in;
-3: the consent ledger (history columns for sinks and audit, end-user opt-outs, sink state)."""
+3: the consent ledger (history columns for sinks and audit, end-user opt-outs, sink state);
+4: IMPORT segments (``segment_members``, the import definition columns of ``segments``)."""
+
+SEGMENT_IMPORT_COLUMNS = (
+    "import_format TEXT",
+    "import_url TEXT",
+    "import_external_id TEXT",
+    "import_size INTEGER",
+)
+"""Columns of ``segments`` set on IMPORT segments only (added to older files by ALTER)."""
 
 CHECKPOINT_BYTES = 8 * 1024 * 1024
 """The checkpointer thread copies the WAL into the database once the -wal file is this big."""
@@ -180,8 +189,20 @@ CREATE TABLE IF NOT EXISTS segments (
     definition TEXT NOT NULL,
     name TEXT,
     tags TEXT NOT NULL,
+    import_format TEXT,
+    import_url TEXT,
+    import_external_id TEXT,
+    import_size INTEGER,
     PRIMARY KEY (app_id, id, version)
 );
+-- Members of IMPORT segments by endpoint key, in key order: the estimate walks one segment's
+-- rows and joins each to endpoints through its UNIQUE (app_id, id_key).
+CREATE TABLE IF NOT EXISTS segment_members (
+    app_id TEXT NOT NULL,
+    segment_id TEXT NOT NULL,
+    id_key TEXT NOT NULL,
+    PRIMARY KEY (app_id, segment_id, id_key)
+) WITHOUT ROWID;
 """
 
 
@@ -246,6 +267,11 @@ class SQLiteStore(SqlStore):
             for column in LEDGER_HISTORY_COLUMNS:
                 added = column.format(text="TEXT")
                 self._conn.execute(f"ALTER TABLE consent_history ADD COLUMN {added}")
+        segments = {r[1] for r in self._conn.execute("PRAGMA table_info(segments)")}
+        if segments and "import_format" not in segments:
+            log.info("engine schema: adding IMPORT segments (version 4)")
+            for column in SEGMENT_IMPORT_COLUMNS:
+                self._conn.execute(f"ALTER TABLE segments ADD COLUMN {column}")
         if exists and version < 2:
             # Version 1 kept attribute rows without the rollup columns: rebuild them.
             log.info("engine schema: rebuilding endpoint_attributes for version 2")

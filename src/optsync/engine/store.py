@@ -7,8 +7,8 @@ call (a batch applies whole or not at all); segment filters and estimates run in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from optsync.engine.ledger import ConsentLedger
 from optsync.engine.models import (
@@ -26,7 +26,23 @@ from optsync.engine.models import (
 )
 from optsync.engine.segments import SegmentDefinition
 
-__all__ = ("EndpointStore", "Segment")
+__all__ = ("EndpointStore", "ImportDefinition", "Segment")
+
+
+@dataclass(frozen=True)
+class ImportDefinition:
+    """Where the members of an IMPORT segment came from (Pinpoint's SegmentImportResource)."""
+
+    format: str
+    """``CSV`` or ``JSON`` (newline-delimited), as Pinpoint's ``Format``."""
+    s3_url: str
+    """The file the endpoints were read from: a path or an ``s3://`` URL."""
+    external_id: str = ""
+    size: int = 0
+    """Endpoints listed in the file."""
+    channel_counts: Mapping[str, int] = field(default_factory=dict)
+    """Members that exist, per channel type, when the segment was read (filled in by the
+    store's get/list/update/delete of segments; ignored by ``create_import_segment``)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,8 @@ class Segment:
     creation_date: str
     last_modified_date: str
     definition: SegmentDefinition
+    import_definition: ImportDefinition | None = None
+    """Set on IMPORT segments (``segment_type == "IMPORT"``), whose members are a fixed list."""
 
 
 class EndpointStore(ConsentLedger, ABC):
@@ -141,10 +159,28 @@ class EndpointStore(ConsentLedger, ABC):
     def create_segment(self, app_id: str, definition: SegmentDefinition) -> Segment: ...
 
     @abstractmethod
+    def create_import_segment(
+        self, app_id: str, name: str, endpoint_ids: Iterable[str], source: ImportDefinition
+    ) -> Segment:
+        """A new IMPORT segment whose members are exactly ``endpoint_ids`` (compared
+        case-insensitively, repeats counted once), in one transaction: it exists with all its
+        members or not at all. The ids are read from the iterable in batches, never held whole.
+
+        Members need not exist as endpoints: the estimate and ``iter_endpoints`` count those
+        that exist when asked, so a deleted endpoint drops out and one created again with the
+        same id comes back.
+        """
+
+    @abstractmethod
     def update_segment(
         self, app_id: str, segment_id: str, definition: SegmentDefinition
     ) -> Segment:
-        """Add a new version; fields the definition leaves out are kept from the latest."""
+        """Add a new version; fields the definition leaves out are kept from the latest.
+
+        An IMPORT segment takes a new name and tags only: its members are the imported list,
+        so Dimensions or SegmentGroups are refused (``InvalidRequest`` naming the field). A
+        DIMENSIONAL segment may use it as a source segment instead.
+        """
 
     @abstractmethod
     def get_segment(self, app_id: str, segment_id: str, version: int | None = None) -> Segment: ...
@@ -159,11 +195,34 @@ class EndpointStore(ConsentLedger, ABC):
     ) -> Page[Segment]: ...
 
     @abstractmethod
-    def delete_segment(self, app_id: str, segment_id: str) -> Segment: ...
+    def delete_segment(self, app_id: str, segment_id: str) -> Segment:
+        """Delete every version of the segment, and the member list of an IMPORT segment."""
 
     @abstractmethod
     def estimate(self, app_id: str, segment_id: str, version: int | None = None) -> Estimate:
-        """Endpoints matching the segment, and how many of them are eligible."""
+        """Endpoints matching the segment, and how many of them are eligible.
+
+        An IMPORT segment: its members that exist as endpoints, and how many are eligible.
+        """
+
+    @abstractmethod
+    def iter_endpoints(
+        self,
+        app_id: str,
+        *,
+        segment_id: str | None = None,
+        eligible_only: bool = False,
+        batch: int = 1000,
+    ) -> Iterator[Endpoint]:
+        """Every endpoint of the app, or of the segment's latest version, by id (as compared:
+        case-insensitively), read in keyset pages of ``batch`` rows, each page in a read of its
+        own (an endpoint written meanwhile may or may not be seen).
+
+        A DIMENSIONAL segment: the endpoints its filter matches now (the estimate's filter); an
+        IMPORT segment: its members that exist. ``eligible_only``: only those the estimate
+        counts as eligible (ACTIVE and OptOut NONE). The app and the segment are looked up at
+        the call (``NotFound``), before the first endpoint is read.
+        """
 
     @abstractmethod
     def close(self) -> None: ...
