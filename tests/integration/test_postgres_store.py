@@ -32,6 +32,8 @@ from optsync.engine.models import (
 )
 from optsync.engine.postgres import MIGRATIONS, PostgresStore
 from optsync.engine.postgres_database import migrate, translate_error
+from optsync.engine.segments import definition_from_wire
+from optsync.engine.store import ImportDefinition
 from optsync.errors import ConfigError, Fatal, LimitExceeded, NotFound, Retryable
 
 pytestmark = pytest.mark.integration
@@ -147,6 +149,36 @@ def test_an_engine_of_version_1_gets_the_consent_ledger(database: str) -> None:
         (old,) = store.consent_changes("a1", 0, 10)
         assert (old.opt_out_after, old.cause.detail, old.channel_type) == (OptOut.ALL, "", None)
         assert store.claim_lease("sink:x", "me", 10)
+
+
+def test_an_engine_of_version_2_keeps_its_segments_and_gains_import_segments(
+    database: str,
+) -> None:
+    """A database migrated before IMPORT segments: its dimensional segment stays as it was."""
+    with closing(PostgresStore(database)) as store:
+        app = store.create_app("old")
+        kept = store.create_segment(app.id, definition_from_wire({"Name": "us"}, require_name=True))
+    with psycopg.connect(database, autocommit=True) as conn:
+        # Back to version 2: as a release before IMPORT segments left it.
+        conn.execute("DROP TABLE segment_members")
+        for column in ("import_format", "import_url", "import_external_id", "import_size"):
+            conn.execute(f"ALTER TABLE segments DROP COLUMN {column}")
+        conn.execute("DELETE FROM schema_version WHERE component = 'engine' AND version = 3")
+    with closing(PostgresStore(database)) as store:
+        again = store.get_segment(app.id, kept.id)
+        assert (again.segment_type, again.import_definition) == ("DIMENSIONAL", None)
+        store.write_endpoints(
+            app.id,
+            [EndpointPatch("e1", channel_type=ChannelType.SMS, address="+12065550100")],
+            Cause(CauseKind.API, "r1"),
+        )
+        imported = store.create_import_segment(
+            app.id, "file", ["E1", "missing"], ImportDefinition("CSV", "s3://b/k", size=2)
+        )
+        assert imported.segment_type == "IMPORT"
+        assert store.estimate(app.id, imported.id).total == 1
+    versions = side(database, "SELECT version FROM schema_version WHERE component = 'engine'")
+    assert [v[0] for v in versions] == [m.version for m in MIGRATIONS]
 
 
 def test_every_text_column_compares_bytes(database: str) -> None:
