@@ -20,7 +20,7 @@ from typing import Any
 
 from optsync.engine.ledger import AuditRow
 from optsync.engine.models import OptOut
-from optsync.logs import mask
+from optsync.redaction import mask
 
 __all__ = ("audit_records", "format_duration", "write_csv", "write_ndjson")
 

@@ -18,7 +18,6 @@ from optsync.apply.dlq import DeadLetter
 from optsync.console import ConsoleContext, create_console
 from optsync.console.app import COOKIE
 from optsync.console.auth import key_pair_matches, load_or_create_secret
-from optsync.console.masking import mask_address, mask_text
 from optsync.console.pipeline import ThroughputMeter
 from optsync.console.search import address_forms, find_endpoints
 from optsync.console.segments import SegmentForm
@@ -32,6 +31,7 @@ from optsync.engine.models import (
 from optsync.engine.segments import definition_from_wire, definition_to_wire
 from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import ConfigError
+from optsync.redaction import mask_address, mask_text
 from optsync.status import SegmentCount, Status
 
 BASE = "http://testserver"

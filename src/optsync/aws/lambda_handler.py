@@ -63,7 +63,7 @@ from optsync.engine.endpoints import MAX_BATCH_ITEMS, endpoint_key
 from optsync.engine.models import EndpointDelete, EndpointPatch
 from optsync.errors import ConfigError
 from optsync.formats import dms
-from optsync.logs import mask
+from optsync.redaction import mask
 
 if TYPE_CHECKING:
     from mypy_boto3_pinpoint import PinpointClient

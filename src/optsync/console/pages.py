@@ -14,10 +14,10 @@ from starlette.responses import JSONResponse, Response
 
 from optsync.console.auth import csrf_token
 from optsync.console.context import ConsoleContext
-from optsync.console.masking import mask_address, mask_text
 from optsync.console.web import base_path, current_target, make_templates, redirect
 from optsync.engine.models import App
 from optsync.errors import NotFound
+from optsync.redaction import mask_address, mask_text
 
 __all__ = ("ConsoleError", "Pages", "View")
 

@@ -17,8 +17,8 @@ import psycopg_pool
 from psycopg import conninfo
 from psycopg.rows import TupleRow
 
-from optsync.config import redact_url
 from optsync.errors import ConfigError, Fatal, OptsyncError, Retryable
+from optsync.redaction import redact_url
 
 __all__ = (
     "Migration",

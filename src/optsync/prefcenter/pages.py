@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from optsync.console.auth import csrf_token
-from optsync.console.masking import mask_address
 from optsync.console.web import base_path, make_templates
 from optsync.prefcenter.source import PreferenceStore
+from optsync.redaction import mask_address
 
 __all__ = ("PrefsPages",)
 

@@ -118,7 +118,7 @@ from nats.js import JetStreamContext, api
 from optsync.errors import ConfigError, Fatal, OptsyncError, Retryable
 from optsync.events import ChangeEvent
 from optsync.formats.dms import encode_many
-from optsync.logs import mask
+from optsync.redaction import mask
 from optsync.stream.base import ChangeStream, Checkpoint, StreamRecord, StreamStats, partition_of
 from optsync.stream.leases import share
 
