@@ -519,7 +519,8 @@ def _status(exc: ClientError) -> int:
 
 def _transport(exc: BotoCoreError) -> str:
     """What went wrong on the way, without botocore's message: it holds the request URL, whose
-    endpoint id may hold a phone number (percent-encoded, which masking does not catch)."""
+    endpoint id may hold a phone number or an e-mail address in any encoding; the class says
+    enough (connection refused, timeout)."""
     return f"{type(exc).__name__}, the request did not get through"
 
 
