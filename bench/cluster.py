@@ -76,7 +76,7 @@ from postgres_server import running_server as postgres_server
 import mysql as mysql_bench
 from optsync.apply.mapping import Mapper
 from optsync.backends import open_dlq, open_store, open_stream
-from optsync.capture.mysql_position import GtidPosition
+from optsync.capture.mysql.position import GtidPosition
 from optsync.config import Settings, SourceSettings, StreamSettings, load_settings
 from optsync.engine.models import Cause, CauseKind, ChannelType
 from optsync.engine.store import EndpointStore

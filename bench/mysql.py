@@ -78,7 +78,7 @@ from mariadb_server import MariaDBServer
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
-from optsync.capture.mysql import MySQLSource
+from optsync.capture.mysql.source import MySQLSource
 from optsync.config import SourceSettings, load_settings
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore

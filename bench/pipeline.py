@@ -73,8 +73,7 @@ import optsync
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
-from optsync.capture.sample import SAMPLE_DDL, SAMPLE_TABLE
-from optsync.capture.sqlite import CHANGE_TABLE, SQLiteSource
+from optsync.capture.sqlite.source import CHANGE_TABLE, SQLiteSource
 from optsync.cli import SAMPLE_RULE
 from optsync.config import Settings, SourceSettings, load_settings
 from optsync.engine import phone as phone_numbers
@@ -89,6 +88,7 @@ from optsync.events import ChangeEvent
 from optsync.formats import dms
 from optsync.pipeline import BATCH_SIZE, SYNC_SECONDS, Pipeline, ensure_app
 from optsync.runtime import tune_gc
+from optsync.sample import SAMPLE_DDL, SAMPLE_TABLE
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 

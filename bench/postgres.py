@@ -53,8 +53,8 @@ from postgres_server import PostgresServer, running_server
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
-from optsync.capture import postgres_pgoutput as pgoutput
-from optsync.capture.postgres import PostgresSource
+from optsync.capture.postgres import pgoutput as pgoutput
+from optsync.capture.postgres.source import PostgresSource
 from optsync.config import SourceSettings, load_settings
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent

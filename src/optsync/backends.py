@@ -63,14 +63,14 @@ def open_source(settings: Settings) -> ChangeSource:
         raise ConfigError("[source] url is missing: say which database to capture")
     name = source.source_name
     if source.scheme == "sqlite":
-        from optsync.capture.sqlite import SQLiteSource  # noqa: PLC0415
+        from optsync.capture.sqlite.source import SQLiteSource  # noqa: PLC0415
 
         return SQLiteSource(source.sqlite_path, source.tables, name=name)
     if source.scheme in ("mysql", "mariadb"):
-        from optsync.capture.mysql import MySQLSource  # noqa: PLC0415
+        from optsync.capture.mysql.source import MySQLSource  # noqa: PLC0415
 
         return MySQLSource(source.url, source.tables, name=name, server_id=source.server_id)
-    from optsync.capture.postgres import PostgresSource  # noqa: PLC0415
+    from optsync.capture.postgres.source import PostgresSource  # noqa: PLC0415
 
     return PostgresSource(
         source.url, source.tables, name=name, slot=source.slot, publication=source.publication

@@ -35,7 +35,6 @@ from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.audit import format_duration
 from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
-from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
 from optsync.cli_consent import register as register_consent_commands
 from optsync.cli_lambda import register as register_lambda_commands
 from optsync.cli_replay import register as register_replay_command
@@ -57,6 +56,7 @@ from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.runtime import tune_gc
+from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.status import describe_capture, read_status, to_prometheus
 from optsync.stream.base import Checkpoint
 

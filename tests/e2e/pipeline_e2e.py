@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from pinpoint_e2e import clean_env, optsync_command
 
-from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
-from optsync.capture.sqlite import CHANGE_TABLE
+from optsync.capture.sqlite.source import CHANGE_TABLE
+from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.stream.embedded import EmbeddedStream
 
 APP_NAME = "optin-demo"

@@ -18,7 +18,7 @@ from pinpoint_e2e import clean_env
 from pipeline_e2e import Layout, Optsync, app_db, run_cli, wait_for
 from ports import free_port
 
-from optsync.capture.sample import SAMPLE_TABLE
+from optsync.sample import SAMPLE_TABLE
 
 __all__ = ("eum_server_fixture",)  # registers the fixture ``eum_server``
 

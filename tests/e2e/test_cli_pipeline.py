@@ -35,7 +35,7 @@ from pipeline_e2e import (
 )
 from ports import free_port
 
-from optsync.capture.sample import SAMPLE_TABLE
+from optsync.sample import SAMPLE_TABLE
 
 pytestmark = pytest.mark.e2e
 

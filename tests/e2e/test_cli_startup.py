@@ -20,12 +20,12 @@ from pinpoint_e2e import clean_env
 from pipeline_e2e import APP_NAME, MAPPING, Layout, Optsync, app_db, run_cli, wait_for
 from ports import free_port
 
-from optsync.capture.mysql_position import CaptureState, LogPosition
-from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
+from optsync.capture.mysql.position import CaptureState, LogPosition
 from optsync.cli import cli
 from optsync.config import load_settings
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore
+from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 

@@ -20,7 +20,7 @@ from pinpoint_e2e import KEY_ID, REGION, SECRET, Server, Signed, clean_env, uniq
 from pipeline_e2e import APP_NAME, MAPPING, Layout, Optsync, app_db, wait_for
 from ports import free_port
 
-from optsync.capture.sample import SAMPLE_TABLE
+from optsync.sample import SAMPLE_TABLE
 
 if TYPE_CHECKING:
     from mypy_boto3_pinpoint import PinpointClient

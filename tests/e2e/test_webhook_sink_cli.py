@@ -25,9 +25,9 @@ from pipeline_e2e import MAPPING, Layout, Optsync, app_db, wait_for
 from webhook_receiver import SECRET, WebhookReceiver
 from webhook_receiver import webhook_receiver_fixture as _receiver_fixture  # noqa: F401 (the fixture)
 
-from optsync.capture.sample import SAMPLE_TABLE
 from optsync.engine.models import OptOut
 from optsync.engine.sqlite import SQLiteStore
+from optsync.sample import SAMPLE_TABLE
 
 pytestmark = pytest.mark.e2e
 

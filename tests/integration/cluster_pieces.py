@@ -21,10 +21,10 @@ from nats_server import NatsServer
 from ports import free_port
 from postgres_server import PostgresServer
 
-from optsync.capture.sample import SAMPLE_DDL
 from optsync.engine.models import OptOut
 from optsync.engine.postgres import PostgresStore
 from optsync.errors import NotFound
+from optsync.sample import SAMPLE_DDL
 
 KEY_ID, SECRET = "CLUSTERKEY", "cluster-test-secret"
 CONSOLE_SECRET = "cluster-test-console-secret-0123456789"

@@ -26,7 +26,7 @@ from types import FrameType
 
 from pipeline_pieces import APP, RULE, SEGMENT, Pieces
 
-from optsync.capture.mysql import MySQLSource
+from optsync.capture.mysql.source import MySQLSource
 
 __all__ = ("APP", "RULE", "SEGMENT", "Pieces")
 

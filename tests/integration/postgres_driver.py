@@ -24,7 +24,7 @@ from pathlib import Path
 
 from pipeline_pieces import APP, RULE, SEGMENT, Pieces
 
-from optsync.capture.postgres import PostgresSource
+from optsync.capture.postgres.source import PostgresSource
 
 __all__ = ("APP", "RULE", "SEGMENT", "Pieces")
 

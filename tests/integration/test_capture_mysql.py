@@ -32,8 +32,13 @@ from mariadb_server import mariadb_fixture as _mariadb_fixture  # noqa: F401 (th
 from mysql_driver import Pieces
 
 from optsync.capture.base import CaptureBatch
-from optsync.capture.mysql import MySQLSource, PositionLost, PreflightFailed, default_server_id
-from optsync.capture.mysql_position import GtidPosition
+from optsync.capture.mysql.position import GtidPosition
+from optsync.capture.mysql.source import (
+    MySQLSource,
+    PositionLost,
+    PreflightFailed,
+    default_server_id,
+)
 from optsync.engine.models import OptOut
 from optsync.errors import ConfigError, NotFound, Retryable
 from optsync.events import ChangeEvent, Op

@@ -31,12 +31,12 @@ from postgres_server import postgres_fixture as _postgres_fixture  # noqa: F401 
 
 from optsync.apply.mapping import MappingRule
 from optsync.capture.base import CaptureBatch
-from optsync.capture.postgres import UNCHANGED_TOAST, PostgresSource, SlotLost
-from optsync.capture.postgres_position import parse_lsn
-from optsync.capture.sample import SAMPLE_ROWS
+from optsync.capture.postgres.position import parse_lsn
+from optsync.capture.postgres.source import UNCHANGED_TOAST, PostgresSource, SlotLost
 from optsync.engine.models import OptOut
 from optsync.errors import ConfigError, NotFound
 from optsync.events import ChangeEvent, Op
+from optsync.sample import SAMPLE_ROWS
 from optsync.stream.base import Checkpoint
 
 pytestmark = pytest.mark.integration

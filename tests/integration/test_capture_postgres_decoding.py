@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from optsync.capture import postgres_pgoutput as pgoutput
-from optsync.capture.postgres_position import format_lsn, load_position, log_position, parse_lsn
-from optsync.capture.postgres_values import TypeCatalog, TypeInfo, parse_array, parse_copy_line
+from optsync.capture.postgres import pgoutput as pgoutput
+from optsync.capture.postgres.position import format_lsn, load_position, log_position, parse_lsn
+from optsync.capture.postgres.values import TypeCatalog, TypeInfo, parse_array, parse_copy_line
 
 
 def test_positions_sort_as_the_log_does() -> None:

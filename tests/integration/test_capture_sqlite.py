@@ -19,10 +19,10 @@ from typing import Any, cast
 import pytest
 
 from optsync.capture.base import CaptureBatch
-from optsync.capture.sample import SAMPLE_ROWS, SAMPLE_TABLE, create_sample_database
-from optsync.capture.sqlite import CHANGE_TABLE, SQLiteSource
+from optsync.capture.sqlite.source import CHANGE_TABLE, SQLiteSource
 from optsync.errors import ConfigError, Fatal
 from optsync.events import ChangeEvent, Op
+from optsync.sample import SAMPLE_ROWS, SAMPLE_TABLE, create_sample_database
 
 pytestmark = pytest.mark.integration
 

@@ -20,11 +20,11 @@ import pytest
 from eum_server import EumServer, eum_server_fixture
 
 from optsync.apply.mapping import MappingRule
-from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
 from optsync.config import Settings, SourceSettings, load_settings
 from optsync.engine.models import CauseKind, ChannelType, OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.pipeline import Pipeline
+from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.sinks.eum import EumSmsSink
 from optsync.sinks.settings import EumInboundSettings, EumSinkSettings
 

@@ -27,14 +27,14 @@ import pytest
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import OPT_IN_TRUE, Mapper, MappingError, MappingRule
 from optsync.apply.worker import ApplyWorker
-from optsync.capture.sample import SAMPLE_TABLE, create_sample_database
-from optsync.capture.sqlite import CHANGE_TABLE
+from optsync.capture.sqlite.source import CHANGE_TABLE
 from optsync.config import Settings, SourceSettings, load_settings
 from optsync.engine.models import CauseKind, ChannelType, Endpoint, OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import Fatal, NotFound
 from optsync.formats import dms
 from optsync.pipeline import Pipeline
+from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.stream.base import Checkpoint
 from optsync.stream.embedded import EmbeddedStream
 
@@ -554,7 +554,7 @@ def test_capture_runs_in_a_child_process_whose_logs_and_failure_reach_this_one(
 KILLED_PIPELINE = """
 import dataclasses, sys, time
 from pathlib import Path
-from optsync.capture.sample import SAMPLE_TABLE
+from optsync.sample import SAMPLE_TABLE
 from optsync.cli import SAMPLE_RULE
 from optsync.config import SourceSettings, load_settings
 from optsync.engine.sqlite import SQLiteStore

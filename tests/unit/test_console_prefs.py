@@ -13,7 +13,6 @@ from test_console import Client
 
 from optsync.api.app import PinpointApi
 from optsync.apply.mapping import MappingRule
-from optsync.capture.sample import create_sample_database
 from optsync.cli import cli
 from optsync.config import Settings, SourceSettings
 from optsync.engine.models import ChannelType
@@ -21,6 +20,7 @@ from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import ConfigError
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.prefcenter.source import PreferenceStore, source_table
+from optsync.sample import create_sample_database
 
 RULE = MappingRule(
     table="optin_status",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 
-from optsync.capture.mysql_values import _json_text
+from optsync.capture.mysql.values import _json_text
 
 
 def test_dates_and_times_inside_json_are_printed_not_refused() -> None:

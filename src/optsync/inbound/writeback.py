@@ -42,14 +42,14 @@ class Writeback:
             conn.execute("PRAGMA busy_timeout = 10000")
             return conn
         if scheme in ("mysql", "mariadb"):
-            from optsync.capture.mysql_connection import SourceURL, connect  # noqa: PLC0415
+            from optsync.capture.mysql.connection import SourceURL, connect  # noqa: PLC0415
 
             mysql: Any = connect(
                 SourceURL.parse(self.source.url, self.source.source_name), "writeback"
             )
             mysql.autocommit(True)
             return mysql
-        from optsync.capture.postgres_connection import connect as pg_connect  # noqa: PLC0415
+        from optsync.capture.postgres.connection import connect as pg_connect  # noqa: PLC0415
 
         return pg_connect(self.source.url, "optsync-writeback")
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from optsync.capture.postgres_connection import quote_ident
-from optsync.capture.postgres_preflight import TableInfo
-from optsync.capture.postgres_values import Converter, converts, parse_copy_line
+from optsync.capture.postgres.connection import quote_ident
+from optsync.capture.postgres.preflight import TableInfo
+from optsync.capture.postgres.values import Converter, converts, parse_copy_line
 
 __all__ = ("Chunk", "TableReader")
 

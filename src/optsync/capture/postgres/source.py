@@ -95,17 +95,17 @@ from typing import Any, Final, Literal
 import psycopg2
 import psycopg2.extensions
 
-from optsync.capture import postgres_pgoutput as pgoutput
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
-from optsync.capture.postgres_connection import (
+from optsync.capture.postgres import pgoutput as pgoutput
+from optsync.capture.postgres.connection import (
     check_url,
     connect,
     masked,
     quote_ident,
     translated,
 )
-from optsync.capture.postgres_position import format_lsn, load_position, log_position, parse_lsn
-from optsync.capture.postgres_preflight import (
+from optsync.capture.postgres.position import format_lsn, load_position, log_position, parse_lsn
+from optsync.capture.postgres.preflight import (
     ServerFacts,
     TableInfo,
     check_free_slots,
@@ -116,8 +116,8 @@ from optsync.capture.postgres_preflight import (
     publication_columns,
     slot_info,
 )
-from optsync.capture.postgres_snapshot import TableReader
-from optsync.capture.postgres_values import Converter, TypeCatalog, TypeInfo, converts
+from optsync.capture.postgres.snapshot import TableReader
+from optsync.capture.postgres.values import Converter, TypeCatalog, TypeInfo, converts
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent, Op
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from optsync.capture.postgres_connection import quote_ident
+from optsync.capture.postgres.connection import quote_ident
 from optsync.errors import ConfigError
 
 __all__ = (

@@ -20,7 +20,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from optsync.capture.postgres_values import SESSION_OPTIONS
+from optsync.capture.postgres.values import SESSION_OPTIONS
 from optsync.errors import ConfigError, Fatal, Retryable
 
 __all__ = ("check_url", "connect", "masked", "quote_ident", "translated")

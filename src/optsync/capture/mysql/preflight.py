@@ -26,14 +26,14 @@ from typing import Any, Final
 
 import pymysql
 
-from optsync.capture.mysql_connection import (
+from optsync.capture.mysql.connection import (
     PreflightFailed,
     SourceURL,
     query,
     translated,
     variables,
 )
-from optsync.capture.mysql_values import ColumnKind, kind_of
+from optsync.capture.mysql.values import ColumnKind, kind_of
 from optsync.errors import ConfigError
 
 __all__ = ("ColumnInfo", "ServerInfo", "TableInfo", "inspect_tables", "preflight")

@@ -53,10 +53,10 @@ from pymysqlreplication.event import (
 )
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
-from optsync.capture.mysql_connection import SourceURL, error_for
-from optsync.capture.mysql_position import GtidPosition, LogPosition, file_index, row_position
-from optsync.capture.mysql_preflight import TableInfo
-from optsync.capture.mysql_values import RowDecoder, binlog_decoder
+from optsync.capture.mysql.connection import SourceURL, error_for
+from optsync.capture.mysql.position import GtidPosition, LogPosition, file_index, row_position
+from optsync.capture.mysql.preflight import TableInfo
+from optsync.capture.mysql.values import RowDecoder, binlog_decoder
 from optsync.errors import Fatal, Retryable
 from optsync.events import ChangeEvent, Op
 

@@ -108,7 +108,7 @@ from typing import Any, Final
 import pymysql
 
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
-from optsync.capture.mysql_connection import (
+from optsync.capture.mysql.connection import (
     PositionLost,
     PreflightFailed,
     SourceURL,
@@ -116,10 +116,10 @@ from optsync.capture.mysql_connection import (
     query,
     translated,
 )
-from optsync.capture.mysql_log import Commit, Failure, Heartbeat, Item, LogReader, Note, iso_time
-from optsync.capture.mysql_position import CaptureState, GtidPosition, LogPosition, file_index
-from optsync.capture.mysql_preflight import ServerInfo, TableInfo, inspect_tables, preflight
-from optsync.capture.mysql_snapshot import Snapshot
+from optsync.capture.mysql.log import Commit, Failure, Heartbeat, Item, LogReader, Note, iso_time
+from optsync.capture.mysql.position import CaptureState, GtidPosition, LogPosition, file_index
+from optsync.capture.mysql.preflight import ServerInfo, TableInfo, inspect_tables, preflight
+from optsync.capture.mysql.snapshot import Snapshot
 from optsync.errors import ConfigError, Retryable
 from optsync.events import ChangeEvent
 

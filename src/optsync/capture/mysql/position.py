@@ -1,6 +1,6 @@
 """Positions of MySQL/MariaDB change events, and the capture state saved with the stream.
 
-Position text (the design; the module notes of ``optsync.capture.mysql`` say why)::
+Position text (the design; the module notes of ``optsync.capture.mysql.source`` say why)::
 
     load      LLLLLLLLLL:FFFFFFFFFF:OOOOOOOOOO
     log row   LLLLLLLLLL:FFFFFFFFFF:OOOOOOOOOO:RRRRRRRR

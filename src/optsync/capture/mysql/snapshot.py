@@ -34,10 +34,10 @@ import pymysql
 import pymysql.cursors
 
 from optsync.capture.base import Progress
-from optsync.capture.mysql_connection import query
-from optsync.capture.mysql_position import CaptureState, LogPosition, load_position
-from optsync.capture.mysql_preflight import ServerInfo, TableInfo, quote
-from optsync.capture.mysql_values import ColumnKind, cursor_param, snapshot_converter
+from optsync.capture.mysql.connection import query
+from optsync.capture.mysql.position import CaptureState, LogPosition, load_position
+from optsync.capture.mysql.preflight import ServerInfo, TableInfo, quote
+from optsync.capture.mysql.values import ColumnKind, cursor_param, snapshot_converter
 from optsync.errors import Fatal
 from optsync.events import ChangeEvent, Op
 
