@@ -17,7 +17,7 @@ from optsync.api.app import PinpointApi
 from optsync.apply.dlq import DeadLetter
 from optsync.console import ConsoleContext, create_console
 from optsync.console.app import COOKIE
-from optsync.console.auth import key_pair_matches, load_or_create_secret
+from optsync.console.auth import key_pair_matches
 from optsync.console.pipeline import ThroughputMeter
 from optsync.console.search import address_forms, find_endpoints
 from optsync.console.segments import SegmentForm
@@ -33,6 +33,7 @@ from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import ConfigError
 from optsync.redaction import mask_address, mask_text
 from optsync.status import SegmentCount, Status
+from optsync.web.session import load_or_create_secret
 
 BASE = "http://testserver"
 KEY_ID, SECRET = "CONSOLEKEY", "console-secret-1"

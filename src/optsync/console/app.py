@@ -21,15 +21,17 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from optsync.console.apps import AppViews
-from optsync.console.auth import SESSION_SECONDS, CsrfProtection, SignIn, derive_key
+from optsync.console.auth import SignIn
 from optsync.console.context import ConsoleContext
 from optsync.console.endpoints import EndpointViews
 from optsync.console.pages import ConsoleError, Pages
 from optsync.console.pipeline import PipelineViews
 from optsync.console.segments import SegmentViews
 from optsync.console.sinks import SinkViews
-from optsync.console.web import SecurityHeaders
 from optsync.sinks.settings import AuditSettings, SinkSettings
+from optsync.web.csrf import CsrfProtection
+from optsync.web.headers import SecurityHeaders
+from optsync.web.session import SESSION_SECONDS, derive_key
 
 __all__ = ("COOKIE", "create_console")
 

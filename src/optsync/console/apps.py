@@ -10,9 +10,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import Pages
-from optsync.console.web import redirect
 from optsync.engine.models import App, Channel
 from optsync.errors import InvalidRequest
+from optsync.web.paths import redirect
 
 __all__ = ("AppSummary", "AppViews")
 

@@ -16,11 +16,11 @@ from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
 from optsync.backends import open_dlq, open_stream
 from optsync.config import Settings, load_or_create_credentials
-from optsync.console.auth import load_or_create_secret
 from optsync.engine.store import EndpointStore
 from optsync.pipeline import ensure_app
 from optsync.status import Status, read_status
 from optsync.stream.base import ChangeStream
+from optsync.web.session import load_or_create_secret
 
 __all__ = ("ConsoleContext", "DeadLetterSource", "ReplayDeadLetters", "console_context")
 

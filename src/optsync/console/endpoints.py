@@ -13,9 +13,10 @@ from starlette.routing import BaseRoute, Route
 from optsync.console.pages import Pages
 from optsync.console.search import DEFAULT_REGION, find_endpoints
 from optsync.console.sinks import Journeys
-from optsync.console.web import checked_form, redirect, safe_next
 from optsync.engine.models import ConsentChange, Endpoint
 from optsync.errors import InvalidRequest, NotFound
+from optsync.web.forms import checked_form
+from optsync.web.paths import redirect, safe_next
 
 __all__ = ("EndpointViews",)
 

@@ -12,12 +12,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from optsync.console.auth import csrf_token
 from optsync.console.context import ConsoleContext
-from optsync.console.web import base_path, current_target, make_templates, redirect
 from optsync.engine.models import App
 from optsync.errors import NotFound
 from optsync.redaction import mask_address, mask_text
+from optsync.web.csrf import csrf_token
+from optsync.web.paths import base_path, current_target, redirect
+from optsync.web.templates import make_templates
 
 __all__ = ("ConsoleError", "Pages", "View")
 

@@ -22,8 +22,9 @@ from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import ConsoleError, Pages
 from optsync.console.sinks import OverdueCount
-from optsync.console.web import checked_form, redirect
 from optsync.status import Status, describe_capture
+from optsync.web.forms import checked_form
+from optsync.web.paths import redirect
 
 __all__ = ("PipelineViews", "Rates", "StageRow", "ThroughputMeter", "stage_rows")
 

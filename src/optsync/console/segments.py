@@ -22,7 +22,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import ConsoleError, Pages
-from optsync.console.web import Form, checked_form, redirect
 from optsync.engine.models import App, ChannelType, Estimate, iso_now
 from optsync.engine.segments import (
     AttributeType,
@@ -36,6 +35,8 @@ from optsync.engine.segments import (
 )
 from optsync.engine.store import Segment
 from optsync.errors import InvalidRequest, NotFound
+from optsync.web.forms import Form, checked_form
+from optsync.web.paths import redirect
 
 __all__ = ("DEMOGRAPHIC_DIMENSIONS", "SegmentForm", "SegmentViews", "describe")
 

@@ -22,7 +22,6 @@ from starlette.routing import BaseRoute, Route
 
 from optsync.audit import format_duration
 from optsync.console.pages import ConsoleError, Pages
-from optsync.console.web import checked_form, redirect
 from optsync.engine.ledger import (
     AuditRow,
     ConsentLedger,
@@ -39,6 +38,8 @@ from optsync.sinks.settings import (
     SinkSettings,
     WebhookSinkSettings,
 )
+from optsync.web.forms import checked_form
+from optsync.web.paths import redirect
 
 __all__ = (
     "AUDIT_GAP",

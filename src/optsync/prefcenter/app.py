@@ -23,12 +23,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
 from optsync.config import Settings
-from optsync.console.auth import SESSION_SECONDS, CsrfProtection, derive_key, load_or_create_secret
-from optsync.console.web import SecurityHeaders
 from optsync.prefcenter.auth import UserSignIn
 from optsync.prefcenter.pages import PrefsPages
 from optsync.prefcenter.preferences import PreferenceViews
 from optsync.prefcenter.source import PreferenceStore, source_table
+from optsync.web.csrf import CsrfProtection
+from optsync.web.headers import SecurityHeaders
+from optsync.web.session import SESSION_SECONDS, derive_key, load_or_create_secret
 
 __all__ = ("COOKIE", "PrefsContext", "create_prefcenter", "prefs_context")
 

@@ -2,7 +2,7 @@
 
 A real application has its own sign-in; this one only makes the sample usable. The session is
 a signed HttpOnly SameSite=Strict cookie holding the user id, and every form carries the
-session's CSRF token (``console.auth.CsrfProtection`` checks each POST).
+session's CSRF token (``web.csrf.CsrfProtection`` checks each POST).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from optsync.console.auth import rotate_session
-from optsync.console.web import checked_form, redirect
 from optsync.prefcenter.pages import PrefsPages
+from optsync.web.forms import checked_form
+from optsync.web.paths import redirect
+from optsync.web.session import rotate_session
 
 __all__ = ("UserSignIn",)
 

@@ -8,10 +8,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from optsync.console.auth import csrf_token
-from optsync.console.web import base_path, make_templates
 from optsync.prefcenter.source import PreferenceStore
 from optsync.redaction import mask_address
+from optsync.web.csrf import csrf_token
+from optsync.web.paths import base_path
+from optsync.web.templates import make_templates
 
 __all__ = ("PrefsPages",)
 

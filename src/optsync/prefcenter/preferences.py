@@ -10,10 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from optsync.console.web import checked_form, redirect
 from optsync.engine.models import ChannelType
 from optsync.prefcenter.pages import PrefsPages
 from optsync.redaction import mask_address
+from optsync.web.forms import checked_form
+from optsync.web.paths import redirect
 
 __all__ = ("CHANNEL_WORDS", "PreferenceViews")
 
