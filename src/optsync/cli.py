@@ -35,6 +35,7 @@ from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
 from optsync.audit import format_duration
 from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
+from optsync.capture.states import NOT_STARTED
 from optsync.cli_consent import register as register_consent_commands
 from optsync.cli_lambda import register as register_lambda_commands
 from optsync.cli_replay import register as register_replay_command
@@ -57,7 +58,7 @@ from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.runtime import tune_gc
 from optsync.sample import SAMPLE_TABLE, create_sample_database
-from optsync.status import describe_capture, read_status, to_prometheus
+from optsync.status import read_status, to_prometheus
 from optsync.stream.base import Checkpoint
 
 __all__ = ("main",)
@@ -596,33 +597,24 @@ def capture(
         )
     source = open_source(settings)
     if drop_slot:
-        drop = getattr(source, "drop_slot", None)
-        if drop is None:
-            raise ConfigError("--drop-slot applies to PostgreSQL sources only")
-        drop()
+        source.drop_slot()
         click.echo(f"dropped the replication slot of {source.name}")
         return
     if resnapshot and start_position:
         raise ConfigError("--resnapshot and --start-position are two ways out: pick one")
     if start_position:
-        state_at = getattr(source, "state_at", None)
-        if state_at is None:
-            raise ConfigError(
-                f"--start-position is not available for {settings.source.scheme} sources"
-            )
+        state = source.state_at(start_position)
         stream = open_stream(settings)
         try:
-            stream.append([], Checkpoint(source.name, state_at(start_position)))
+            stream.append([], Checkpoint(source.name, state))
         finally:
             stream.close()
         click.echo(f"{source.name}: the next start reads the log from {start_position}")
     if resnapshot:
-        fresh = getattr(source, "resnapshot_state", None)
-        if fresh is None:
-            raise ConfigError(f"--resnapshot is not available for {settings.source.scheme} sources")
+        fresh = source.resnapshot_state()
         stream = open_stream(settings)
         try:
-            stream.append([], Checkpoint(source.name, fresh()))
+            stream.append([], Checkpoint(source.name, fresh))
         finally:
             stream.close()
         click.echo(f"{source.name}: the next start takes a new snapshot")
@@ -698,8 +690,8 @@ def status(config_path: Path | None, data_dir: Path | None) -> None:
     table.add_column("stage")
     table.add_column("position")
     table.add_column("lag")
-    for name, state in report.captures or (("", {}),):
-        table.add_row(f"capture {name}".strip(), describe_capture(state), "-")
+    for name, view in report.captures or (("", NOT_STARTED),):
+        table.add_row(f"capture {name}".strip(), view.line(), "-")
     table.add_row("stream", f"head {report.stream_head}", "-")
     table.add_row(
         "apply",

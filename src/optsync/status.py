@@ -4,13 +4,14 @@ its own)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.backends import open_dlq, open_stream
+from optsync.capture.base import CaptureView
+from optsync.capture.states import NOT_STARTED, describe_state
 from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.stream.base import ChangeStream
@@ -19,7 +20,6 @@ __all__ = (
     "SegmentCount",
     "SinkStatus",
     "Status",
-    "describe_capture",
     "read_status",
     "sink_statuses",
     "to_prometheus",
@@ -55,9 +55,10 @@ class SinkStatus:
 
 @dataclass(frozen=True)
 class Status:
-    capture_state: dict[str, object] | None
-    """The configured source's checkpoint saved with the stream (phase, positions); without a
-    configured one that the stream holds, the only checkpoint the stream holds, if just one."""
+    capture: CaptureView
+    """The configured source's checkpoint saved with the stream, as people read it; without a
+    configured one that the stream holds, the only checkpoint the stream holds, if just one
+    (``NOT_STARTED`` when there is none)."""
     stream_head: int
     apply_offset: int
     """The lowest offset apply has acknowledged over the partitions."""
@@ -68,7 +69,7 @@ class Status:
     dlq_size: int
     endpoints: int
     segments: tuple[SegmentCount, ...]
-    captures: tuple[tuple[str, dict[str, object]], ...] = ()
+    captures: tuple[tuple[str, CaptureView], ...] = ()
     """(source name, checkpoint) of every source the stream holds a checkpoint for."""
     capture_waiting: str | None = None
     """Why this process's capture cannot read its source now (it retries); None otherwise, and
@@ -124,35 +125,6 @@ def sink_statuses(settings: Settings, store: EndpointStore) -> tuple[tuple[SinkS
     return tuple(sinks), overdue
 
 
-def _parsed(state: str) -> dict[str, object]:
-    try:
-        value = json.loads(state)
-    except ValueError:
-        value = None
-    return value if isinstance(value, dict) else {"position": state}
-
-
-def describe_capture(state: dict[str, object] | None) -> str:
-    """A checkpoint as one line: phase and position, in the source's own terms (MySQL/MariaDB:
-    GTID position or binlog file:pos; PostgreSQL: LSN; SQLite: change-table sequence)."""
-    if not state:
-        return "not started"
-    phase = str(state.get("phase", "-"))
-    if phase == "snapshot":
-        table = state.get("table")
-        return f"snapshot {table}" if table else "snapshot"
-    log = state.get("log")
-    if isinstance(log, dict):  # MySQL/MariaDB
-        if log.get("gtid"):
-            return f"{phase} GTID {log['gtid']}"
-        return f"{phase} binlog {log.get('file')}:{log.get('pos')}"
-    if "slot" in state:  # PostgreSQL
-        return f"{phase} LSN {state.get('log_after') or '-'}"
-    if "log_after" in state:  # SQLite
-        return f"{phase} change {state.get('log_after')}"
-    return f"{phase} {state.get('position', '')}".strip()
-
-
 def read_status(
     settings: Settings,
     store: EndpointStore,
@@ -184,11 +156,11 @@ def read_status(
                 lag_seconds = max(0.0, time.time() - min(oldest))
         # Every checkpoint, not only the configured source's: `status --data-dir` does not know
         # which database the folder's pipeline captures.
-        captures = tuple((c.source, _parsed(c.state)) for c in stream.checkpoints())
+        captures = tuple((c.source, describe_state(c.state)) for c in stream.checkpoints())
         wanted = settings.source.source_name if settings.source is not None else None
-        checkpoint = next((state for name, state in captures if name == wanted), None)
-        if checkpoint is None and len(captures) == 1:
-            checkpoint = captures[0][1]
+        checkpoint = next((view for name, view in captures if name == wanted), None)
+        if checkpoint is None:
+            checkpoint = captures[0][1] if len(captures) == 1 else NOT_STARTED
         app = store.find_app(settings.app)
         segments: list[SegmentCount] = []
         endpoints = 0
@@ -204,7 +176,7 @@ def read_status(
             sinks=sinks,
             optouts_overdue=overdue,
             audit_deadline=settings.audit.deadline,
-            capture_state=checkpoint,
+            capture=checkpoint,
             stream_head=stats.head,
             apply_offset=offset,
             lag_events=lag_events,

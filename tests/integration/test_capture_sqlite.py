@@ -301,6 +301,7 @@ def test_restart_in_the_middle_of_the_snapshot(tmp_path: Path) -> None:
             app.execute("UPDATE t SET v = -80 WHERE id = 80")  # not loaded yet
     state = first_run[-1].state
     assert json.loads(state) | {"snapshot_s": 0} == {
+        "source": "sqlite",
         "phase": "snapshot",
         "snapshot_s": 0,
         "table": "t",

@@ -15,6 +15,12 @@ import pytest
 
 from optsync.api.app import PinpointApi
 from optsync.apply.dlq import DeadLetter
+from optsync.capture.mysql.position import CaptureState as MySQLState
+from optsync.capture.mysql.position import LogPosition
+from optsync.capture.postgres.position import CaptureState as PostgresState
+from optsync.capture.postgres.position import parse_lsn
+from optsync.capture.sqlite.position import CaptureState as SQLiteState
+from optsync.capture.states import describe_state
 from optsync.console import ConsoleContext, create_console
 from optsync.console.app import COOKIE
 from optsync.console.auth import key_pair_matches
@@ -616,7 +622,7 @@ def test_the_pipeline_page_shows_stages_and_replays_dead_letters(
     store: SQLiteStore, app_id: str
 ) -> None:
     status = Status(
-        capture_state={"phase": "log", "log_after": 17},
+        capture=describe_state(SQLiteState(phase="log", log_after=17).dump()),
         stream_head=20,
         apply_offset=18,
         lag_events=2,
@@ -707,12 +713,12 @@ def test_the_api_keeps_every_other_path(client: Client) -> None:
 
 
 def pipeline_page(
-    store: SQLiteStore, state: dict[str, object] | None, waiting: str | None = None
+    store: SQLiteStore, state: str | None, waiting: str | None = None
 ) -> tuple[str, dict[str, str]]:
     """The pipeline page's text (white space folded) and its live values, for a status with
     this capture state."""
     status = Status(
-        capture_state=state,
+        capture=describe_state(state),
         stream_head=0,
         apply_offset=0,
         lag_events=0,
@@ -735,18 +741,52 @@ def pipeline_page(
     return text, live
 
 
+MARIADB_LOG = LogPosition("b.000002", 4, "0-1-57")
+
+
 @pytest.mark.parametrize(
     ("state", "shown"),
     [
-        ({"phase": "log", "log": {"gtid": "0-1-57", "file": "b.000002", "pos": 4}}, "GTID 0-1-57"),
-        ({"phase": "log", "log": {"gtid": None, "file": "b.000002", "pos": 4}}, "b.000002:4"),
-        ({"phase": "log", "slot": "optsync_postgres", "log_after": "0/16B3748"}, "LSN 0/16B3748"),
-        ({"phase": "snapshot", "table": "blog_db.optin_status"}, "snapshot blog_db.optin_status"),
-        ({"phase": "snapshot", "table": "optin_status", "after_rowid": 40}, "after row 40"),
+        (MySQLState(phase="log", log=MARIADB_LOG).dump(), "log GTID 0-1-57"),
+        (MySQLState(phase="log", log=LogPosition("b.000002", 4)).dump(), "log binlog b.000002:4"),
+        (
+            MySQLState(
+                phase="snapshot",
+                log=MARIADB_LOG,
+                table="blog_db.optin_status",
+                tables_done=("blog_db.prefs",),
+                loaded=1200,
+            ).dump(),
+            "snapshot blog_db.optin_status, 1,200 rows loaded (1 table done) then log from "
+            "GTID 0-1-57",
+        ),
+        (
+            PostgresState(phase="log", log_after=parse_lsn("0/16B3748")).dump("optsync_postgres"),
+            "log LSN 0/16B3748",
+        ),
+        (
+            PostgresState(
+                phase="snapshot",
+                log_after=parse_lsn("0/16B3748"),
+                table="public.optin_status",
+                rows=250,
+            ).dump("optsync_postgres"),
+            "snapshot public.optin_status, 250 rows loaded then log from LSN",
+        ),
+        (
+            SQLiteState(phase="snapshot", table="optin_status", after_rowid=40).dump(),
+            "snapshot optin_status, after rowid 40",
+        ),
+        # A state saved before states named their source is read by its shape.
+        (
+            '{"phase":"log","snapshot_s":null,"table":null,"after_rowid":0,"tables_done":[],'
+            '"log_after":17}',
+            "log change 17",
+        ),
     ],
 )
 def test_the_pipeline_page_shows_each_source_in_its_own_terms(
-    store: SQLiteStore, state: dict[str, object], shown: str
+    store: SQLiteStore, state: str, shown: str
 ) -> None:
     """Found in review: a MySQL or PostgreSQL source read "after source change ?" here."""
     text, live = pipeline_page(store, state)

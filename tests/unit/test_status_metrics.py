@@ -1,9 +1,10 @@
+from optsync.capture.states import NOT_STARTED
 from optsync.status import SegmentCount, Status, to_prometheus
 
 
 def test_prometheus_text() -> None:
     status = Status(
-        capture_state={"phase": "log"},
+        capture=NOT_STARTED,
         stream_head=12,
         apply_offset=10,
         lag_events=2,

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from optsync.console.pages import ConsoleError, Pages
 from optsync.console.sinks import OverdueCount
-from optsync.status import Status, describe_capture
+from optsync.status import Status
 from optsync.web.forms import checked_form
 from optsync.web.paths import redirect
 
@@ -77,15 +77,6 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f} events/s"
 
 
-def _capture_position(state: dict[str, object] | None) -> str:
-    """The source's position in its own terms (``status.describe_capture``, as ``optsync
-    status`` prints it), with a SQLite snapshot's progress."""
-    text = describe_capture(state)
-    if state and state.get("phase") == "snapshot" and "after_rowid" in state:
-        text += f", after row {state['after_rowid']}"
-    return text
-
-
 def stage_rows(status: Status, rates: Rates) -> list[StageRow]:
     """The status table: one row per stage, as display text."""
     return [
@@ -93,7 +84,7 @@ def stage_rows(status: Status, rates: Rates) -> list[StageRow]:
             "capture",
             f"waiting for source: {status.capture_waiting}"
             if status.capture_waiting is not None
-            else _capture_position(status.capture_state),
+            else status.capture.line(),
             "-",
             _rate(rates.captured),
         ),

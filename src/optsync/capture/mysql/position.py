@@ -28,10 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
+from optsync.capture.base import CaptureView
 from optsync.errors import Fatal
 
 __all__ = (
     "CaptureState",
+    "describe",
     "GtidPosition",
     "LogPosition",
     "file_index",
@@ -227,3 +229,25 @@ class CaptureState:
                 f"source {source!r}: the saved capture state is not a MySQL capture state "
                 f"({exc}); start over with `optsync capture --resnapshot`"
             ) from exc
+
+
+def describe(text: str) -> CaptureView:
+    """A saved MySQL/MariaDB capture state as people read it (``optsync status``, the console):
+    the GTID position when there is one, else the binlog file and position."""
+    state = CaptureState.parse(text, "mysql")
+    position = ""
+    if state.log is not None:
+        position = (
+            f"GTID {state.log.gtid}"
+            if state.log.gtid
+            else f"binlog {state.log.file}:{state.log.pos}"
+        )
+    snapshot = state.phase == "snapshot"
+    return CaptureView(
+        source="mysql",
+        phase=state.phase,
+        position=position,
+        table=state.table if snapshot else None,
+        rows=state.loaded if snapshot and state.table else None,
+        tables_done=len(state.tables_done),
+    )

@@ -81,7 +81,6 @@ Operations
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 import secrets
@@ -90,13 +89,13 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import psycopg2
 import psycopg2.extensions
 
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
-from optsync.capture.postgres import pgoutput as pgoutput
+from optsync.capture.postgres import pgoutput
 from optsync.capture.postgres.connection import (
     check_url,
     connect,
@@ -104,7 +103,13 @@ from optsync.capture.postgres.connection import (
     quote_ident,
     translated,
 )
-from optsync.capture.postgres.position import format_lsn, load_position, log_position, parse_lsn
+from optsync.capture.postgres.position import (
+    CaptureState,
+    format_lsn,
+    load_position,
+    log_position,
+    parse_lsn,
+)
 from optsync.capture.postgres.preflight import (
     ServerFacts,
     TableInfo,
@@ -125,8 +130,6 @@ __all__ = ("UNCHANGED_TOAST", "PostgresSource", "SlotLost")
 
 logger = logging.getLogger(__name__)
 
-Phase = Literal["snapshot", "log"]
-
 UNCHANGED_TOAST: Final = "unchanged_toast"
 """``ChangeEvent.extra`` key: columns left out of ``after`` because their value did not change."""
 RECONNECT_FOR: Final = 30.0
@@ -142,86 +145,10 @@ _PARTIAL_WAIT: Final = 0.002
 _ORDINAL_DIGITS: Final = 10
 _SLOT_NAME: Final = re.compile(r"^[a-z0-9_]{1,63}$")
 _PG_EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
-_STATE_VERSION: Final = 1
 
 
 class SlotLost(Fatal):
     """The replication slot is gone or invalidated: the changes it held cannot be read."""
-
-
-@dataclass(frozen=True)
-class _State:
-    """Where capture is; its JSON text is the ``CaptureBatch.state`` handed back to ``open``."""
-
-    phase: Phase = "snapshot"
-    log_after: int | None = None
-    """LSN the log reads from: every transaction that committed before it is captured."""
-    snapshot_at: int | None = None
-    """Consistent point of the running snapshot (the position of its loads)."""
-    table: str | None = None
-    """``schema.table`` the snapshot is in."""
-    after_key: tuple[str | None, ...] | None = None
-    """Keyed table: text of the last key loaded."""
-    page: int = 0
-    """Keyless table: the next heap page to read."""
-    relfilenode: int | None = None
-    rows: int = 0
-    """Rows of ``table`` loaded so far."""
-    tables_done: tuple[str, ...] = ()
-    resnapshot: bool = False
-
-    def dump(self, slot: str) -> str:
-        return json.dumps(
-            {
-                "v": _STATE_VERSION,
-                "phase": self.phase,
-                "slot": slot,
-                "log_after": None if self.log_after is None else format_lsn(self.log_after),
-                "snapshot_at": None if self.snapshot_at is None else format_lsn(self.snapshot_at),
-                "table": self.table,
-                "after_key": None if self.after_key is None else list(self.after_key),
-                "page": self.page,
-                "relfilenode": self.relfilenode,
-                "rows": self.rows,
-                "tables_done": list(self.tables_done),
-                "resnapshot": self.resnapshot,
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def parse(cls, text: str, source: str) -> _State:
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict) or data.get("v") != _STATE_VERSION:
-                raise ValueError("not a PostgreSQL capture state")
-            phase = data["phase"]
-            if phase not in ("snapshot", "log"):
-                raise ValueError(f"phase {phase!r}")
-            log_after = data.get("log_after")
-            snapshot_at = data.get("snapshot_at")
-            after_key = data.get("after_key")
-            state = cls(
-                phase=phase,
-                log_after=None if log_after is None else parse_lsn(log_after),
-                snapshot_at=None if snapshot_at is None else parse_lsn(snapshot_at),
-                table=data.get("table"),
-                after_key=None if after_key is None else tuple(after_key),
-                page=int(data.get("page", 0)),
-                relfilenode=data.get("relfilenode"),
-                rows=int(data.get("rows", 0)),
-                tables_done=tuple(str(t) for t in data.get("tables_done", [])),
-                resnapshot=bool(data.get("resnapshot", False)),
-            )
-            if phase == "log" and state.log_after is None:
-                raise ValueError("a log state without log_after")
-        except (ValueError, TypeError, KeyError) as exc:
-            raise Fatal(
-                f"the saved capture state of source {source!r} is not a PostgreSQL capture state "
-                f"({exc}): {text[:200]!r}; discard it (optsync capture --resnapshot) to start "
-                "over with a new snapshot"
-            ) from exc
-        return state
 
 
 @dataclass(frozen=True)
@@ -301,7 +228,7 @@ class PostgresSource(ChangeSource):
         self.chunk_size = chunk_size
         self.idle_wait = idle_wait
         self._application = f"optsync-{name}"[:63]
-        self._state = _State()
+        self._state = CaptureState()
         self._conn: Any = None
         self._snap: Any = None
         self._repl: Any = None
@@ -321,7 +248,7 @@ class PostgresSource(ChangeSource):
         """Preflight, publication and slot; prepare to resume from ``state`` (None: start)."""
         if self._conn is not None:
             raise RuntimeError(f"source {self.name!r} is already open")
-        saved = _State.parse(state, self.name) if state is not None else _State()
+        saved = CaptureState.parse(state, self.name) if state is not None else CaptureState()
         with self._translated("connect"):
             self._conn = connect(self.url, self._application)
         try:
@@ -330,7 +257,7 @@ class PostgresSource(ChangeSource):
             self.close()
             raise
 
-    def _open(self, saved: _State) -> None:
+    def _open(self, saved: CaptureState) -> None:
         with self._translated("preflight"):
             cur = self._conn.cursor()
             facts = self._facts = check_server(cur)
@@ -391,7 +318,7 @@ class PostgresSource(ChangeSource):
                 why += ": it fell more than max_slot_wal_keep_size behind"
             raise self._slot_lost(why, expected)
 
-    def _plan(self, saved: _State, slot: dict[str, Any] | None) -> _State:
+    def _plan(self, saved: CaptureState, slot: dict[str, Any] | None) -> CaptureState:
         """The state to start from: what to snapshot and where the log starts."""
         confirmed = slot.get("confirmed_flush_lsn") if slot else None
         flushed = parse_lsn(confirmed) if confirmed else None
@@ -404,7 +331,7 @@ class PostgresSource(ChangeSource):
                     self.slot,
                     confirmed,
                 )
-            return _State(phase="snapshot", log_after=flushed)
+            return CaptureState(phase="snapshot", log_after=flushed)
         if slot is None:
             raise self._slot_lost("does not exist", saved.log_after)
         if flushed is not None and flushed > saved.log_after:
@@ -432,7 +359,7 @@ class PostgresSource(ChangeSource):
         table = saved.table if saved.table in self._info else None
         return replace(saved, tables_done=done, table=table, rows=saved.rows if table else 0)
 
-    def _begin_snapshot(self, state: _State, *, create_slot: bool) -> _State:
+    def _begin_snapshot(self, state: CaptureState, *, create_slot: bool) -> CaptureState:
         """Export a snapshot (from the new slot, or a temporary one) and import it."""
         name = self.slot if create_slot else f"{self.slot[:48]}_snap_{secrets.token_hex(4)}"
         temporary = "" if create_slot else " TEMPORARY"
@@ -897,7 +824,7 @@ class PostgresSource(ChangeSource):
         Only records the position (safe from any thread); the log loop confirms it to the
         server at its next turn, and ``close`` confirms what is left.
         """
-        acked = _State.parse(state, self.name)
+        acked = CaptureState.parse(state, self.name)
         if acked.phase == "log" and acked.log_after is not None:
             self._acked = max(self._acked, acked.log_after)
 
@@ -920,7 +847,7 @@ class PostgresSource(ChangeSource):
     def resnapshot_state(self) -> str:
         """A state that makes ``open`` snapshot every table again and read the log from the
         slot's confirmed position (the slot is created if missing)."""
-        return _State(phase="snapshot", resnapshot=True).dump(self.slot)
+        return CaptureState(phase="snapshot", resnapshot=True).dump(self.slot)
 
     def drop_slot(self) -> None:
         """Drop the replication slot, and the publication when capture owns it under its

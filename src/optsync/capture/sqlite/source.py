@@ -101,6 +101,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress
+from optsync.capture.sqlite.position import CaptureState
 from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.events import ChangeEvent, Op, position_of
 from optsync.sqlite_sync import without_fsync
@@ -232,68 +233,6 @@ class _Table:
         return {column: row.get(column) for column in self.key_columns}
 
 
-@dataclass(frozen=True)
-class _State:
-    """Where capture is; its JSON text is the ``CaptureBatch.state`` handed back to ``open``."""
-
-    phase: Phase = "snapshot"
-    snapshot_s: int | None = None
-    """S of the running snapshot's read transaction (the position of its loads)."""
-    table: str | None = None
-    """The table the snapshot is in, loaded up to ``after_rowid``."""
-    after_rowid: int = 0
-    tables_done: tuple[str, ...] = ()
-    log_after: int | None = None
-    """The log's position: the change rows up to this seq are read (or in the snapshot)."""
-
-    def dump(self) -> str:
-        return json.dumps(
-            {
-                "phase": self.phase,
-                "snapshot_s": self.snapshot_s,
-                "table": self.table,
-                "after_rowid": self.after_rowid,
-                "tables_done": list(self.tables_done),
-                "log_after": self.log_after,
-            },
-            separators=(",", ":"),
-        )
-
-    @classmethod
-    def parse(cls, text: str, source: str) -> _State:
-        try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            phase = data["phase"]
-            snapshot_s = data.get("snapshot_s")
-            table = data.get("table")
-            after_rowid = data.get("after_rowid", 0)
-            tables_done = data.get("tables_done", [])
-            log_after = data.get("log_after")
-            valid = (
-                phase in ("snapshot", "log")
-                and (snapshot_s is None or isinstance(snapshot_s, int))
-                and (table is None or isinstance(table, str))
-                and isinstance(after_rowid, int)
-                and isinstance(tables_done, list)
-                and all(isinstance(name, str) for name in tables_done)
-                and (log_after is None or isinstance(log_after, int))
-                and (phase == "snapshot" or log_after is not None)
-            )
-        except (ValueError, TypeError, KeyError) as exc:
-            raise Fatal(
-                f"the saved capture state of source {source!r} is not readable ({exc}); "
-                "discard it to start capture over with a new snapshot"
-            ) from exc
-        if not valid:
-            raise Fatal(
-                f"the saved capture state of source {source!r} is not a SQLite capture state: "
-                f"{text[:200]!r}; discard it to start capture over with a new snapshot"
-            )
-        return cls(phase, snapshot_s, table, after_rowid, tuple(tables_done), log_after)
-
-
 class SQLiteSource(ChangeSource):
     """Snapshot + change-table log of a SQLite application database (see the module notes).
 
@@ -324,7 +263,7 @@ class SQLiteSource(ChangeSource):
         self.idle_wait = idle_wait
         self.ack_interval = ack_interval
         self._tables: dict[str, _Table] = {}
-        self._state = _State()
+        self._state = CaptureState()
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
         self._write_lock = threading.Lock()
@@ -341,7 +280,7 @@ class SQLiteSource(ChangeSource):
         if self._writer is not None:
             raise RuntimeError(f"source {self.name!r} is already open")
         self._check_names()
-        saved = _State.parse(state, self.name) if state is not None else None
+        saved = CaptureState.parse(state, self.name) if state is not None else None
         if not self.path.is_file():
             raise ConfigError(
                 f"source {self.name!r}: the SQLite database {str(self.path)!r} does not exist; "
@@ -465,8 +404,8 @@ class SQLiteSource(ChangeSource):
         return _Table(table, columns, keys, rowid, stable_rowid=integer_key and not pk_index)
 
     def _install(
-        self, conn: sqlite3.Connection, tables: dict[str, _Table], saved: _State | None
-    ) -> _State:
+        self, conn: sqlite3.Connection, tables: dict[str, _Table], saved: CaptureState | None
+    ) -> CaptureState:
         """Create the change table and triggers in one write transaction; the state to resume."""
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -503,11 +442,11 @@ class SQLiteSource(ChangeSource):
         self,
         conn: sqlite3.Connection,
         tables: dict[str, _Table],
-        saved: _State | None,
+        saved: CaptureState | None,
         triggers: dict[str, str],
-    ) -> _State:
+    ) -> CaptureState:
         if saved is None:
-            return _State()
+            return CaptureState()
         issued = self._issued(conn)
         if saved.log_after is not None and saved.log_after > issued:
             raise Fatal(
@@ -750,7 +689,7 @@ class SQLiteSource(ChangeSource):
         way to the application: if it holds the write lock, cleaning waits for the next round.
         ``ack_interval = 0`` deletes them here, before returning.
         """
-        acked = _State.parse(state, self.name)
+        acked = CaptureState.parse(state, self.name)
         if acked.phase != "log" or acked.log_after is None:
             return
         if self._writer is None:
