@@ -78,7 +78,7 @@ def open_source(settings: Settings) -> ChangeSource:
 
 
 def open_stream(settings: Settings) -> ChangeStream:
-    """The stream of ``[stream] url``: embedded (DATA_DIR/stream.db) or NATS JetStream."""
+    """The stream of ``[stream] url``: embedded (DATA_DIR/stream.db), NATS JetStream or Kinesis."""
     stream = settings.stream
     if stream.scheme == "nats":
         from optsync.stream.nats import NatsStream  # noqa: PLC0415
@@ -88,6 +88,16 @@ def open_stream(settings: Settings) -> ChangeStream:
             name=stream.name,
             partitions=stream.partitions or DEFAULT_NATS_PARTITIONS,
             replicas=stream.replicas,
+        )
+    if stream.scheme == "kinesis":
+        from optsync.stream.kinesis import KinesisStream  # noqa: PLC0415
+        from optsync.stream.kinesis_state import open_kinesis_state  # noqa: PLC0415
+
+        return KinesisStream(
+            stream.kinesis_name,
+            open_kinesis_state(settings),
+            region=stream.region,
+            endpoint_url=stream.endpoint_url,
         )
     from optsync.stream.embedded import EmbeddedStream  # noqa: PLC0415
 

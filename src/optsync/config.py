@@ -123,14 +123,15 @@ class SegmentSettings:
     """Pinpoint's WriteSegmentRequest (``Dimensions`` or ``SegmentGroups``), validated."""
 
 
-STREAM_SCHEMES = ("embedded", "nats")
+STREAM_SCHEMES = ("embedded", "nats", "kinesis")
 ENGINE_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
 @dataclass(frozen=True)
 class StreamSettings:
     url: str = "embedded"
-    """``embedded`` (DATA_DIR/stream.db) or ``nats://HOST:PORT`` (NATS JetStream)."""
+    """``embedded`` (DATA_DIR/stream.db), ``nats://HOST:PORT`` (NATS JetStream) or
+    ``kinesis://STREAM`` (an Amazon Kinesis data stream, e.g. the one a DMS task writes to)."""
     name: str = "optsync"
     """NATS: the JetStream stream's name (its subjects are NAME.p.N)."""
     partitions: int | None = None
@@ -138,6 +139,15 @@ class StreamSettings:
     replicas: int = 1
     """NATS: how many servers keep each message (3 on a 3-node cluster: a quorum acknowledges).
     Used when the stream is created."""
+    region: str | None = None
+    """Kinesis: the stream's AWS region [default: the AWS SDK's (AWS_DEFAULT_REGION, profile)]."""
+    endpoint_url: str | None = None
+    """Kinesis: another endpoint than AWS's (a VPC endpoint, a local Kinesis-compatible server)."""
+
+    @property
+    def kinesis_name(self) -> str:
+        """Kinesis: the data stream's name (the part of ``url`` after ``kinesis://``)."""
+        return self.url.split("://", 1)[-1]
 
     @property
     def scheme(self) -> str:
@@ -334,7 +344,7 @@ _TOP_KEYS = (
 )
 _API_KEYS = ("listen", "credentials", "console_secret")
 _ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country", "channels")
-_STREAM_KEYS = ("url", "name", "partitions", "replicas")
+_STREAM_KEYS = ("url", "name", "partitions", "replicas", "region", "endpoint_url")
 
 
 def _refuse_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
@@ -481,17 +491,61 @@ def _stream(doc: Mapping[str, Any], env: Mapping[str, str]) -> StreamSettings:
     replicas = table.get("replicas", 1)
     if replicas not in (1, 3, 5) or isinstance(replicas, bool):
         raise ConfigError(f"[stream] replicas = {replicas!r}: use 1, 3 or 5 (JetStream replicas)")
-    settings = StreamSettings(url=url, name=name, partitions=partitions, replicas=replicas)
+    region = _typed(table, "region", str, "[stream] ")
+    endpoint_url = _typed(table, "endpoint_url", str, "[stream] ")
+    settings = StreamSettings(
+        url=url,
+        name=name,
+        partitions=partitions,
+        replicas=replicas,
+        region=region,
+        endpoint_url=endpoint_url,
+    )
+    if settings.scheme == "kinesis":
+        _check_kinesis(table, settings)
+    elif region is not None or endpoint_url is not None:
+        raise ConfigError(
+            "[stream] region and endpoint_url are for a Kinesis stream (url = "
+            f'"kinesis://STREAM"), not {redact_url(url)!r}: remove them'
+        )
     if settings.scheme not in STREAM_SCHEMES or (
         settings.scheme == "nats" and not url.lower().startswith("nats://")
     ):
         raise ConfigError(
-            f'[stream] url = {redact_url(url)!r}: use "embedded" (DATA_DIR/stream.db) or '
-            "nats://HOST:PORT (NATS JetStream)"
+            f'[stream] url = {redact_url(url)!r}: use "embedded" (DATA_DIR/stream.db), '
+            "nats://HOST:PORT (NATS JetStream) or kinesis://STREAM (a Kinesis data stream)"
         )
     if settings.scheme == "nats":
         _check_host_port(url, "[stream] url")
     return settings
+
+
+def _check_kinesis(table: Mapping[str, Any], settings: StreamSettings) -> None:
+    """A ``kinesis://STREAM`` url: a valid stream name, and no NATS-only keys."""
+    for key in ("partitions", "replicas", "name"):
+        if key in table:
+            raise ConfigError(
+                f"[stream] {key} does not apply to a Kinesis stream (the stream's shards and "
+                "their replication are set in Kinesis): remove it"
+            )
+    if not settings.url.lower().startswith("kinesis://") or not re.fullmatch(
+        r"[A-Za-z0-9_.-]{1,128}", settings.kinesis_name
+    ):
+        raise ConfigError(
+            f"[stream] url = {settings.url!r}: write kinesis://STREAM, where STREAM is the "
+            "Kinesis data stream's name (letters, digits, _ . -)"
+        )
+    if settings.region is not None and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d+", settings.region):
+        raise ConfigError(
+            f"[stream] region = {settings.region!r}: write an AWS region such as us-east-1"
+        )
+    if settings.endpoint_url is not None and not settings.endpoint_url.lower().startswith(
+        ("http://", "https://")
+    ):
+        raise ConfigError(
+            f"[stream] endpoint_url = {redact_url(settings.endpoint_url)!r}: write "
+            "http(s)://HOST[:PORT]"
+        )
 
 
 def _check_host_port(url: str, key: str) -> None:
