@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[fast]'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
@@ -26,6 +26,10 @@ lint: $(VENV)/.installed-dev
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict src
+
+# The fast tier: pure rules and in-process pieces, no server (seconds).
+unit: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest tests/unit
 
 test: lint typecheck
 	bash scripts/ensure-test-tools.sh

@@ -29,6 +29,7 @@ from optsync.capture.base import ChangeSource
 from optsync.config import Settings
 from optsync.engine.store import EndpointStore
 from optsync.errors import ConfigError
+from optsync.extras import requires_extra
 from optsync.sinks.base import Sink
 from optsync.sinks.settings import (
     EumSinkSettings,
@@ -67,10 +68,12 @@ def open_source(settings: Settings) -> ChangeSource:
 
         return SQLiteSource(source.sqlite_path, source.tables, name=name)
     if source.scheme in ("mysql", "mariadb"):
-        from optsync.capture.mysql.source import MySQLSource  # noqa: PLC0415
+        with requires_extra("MySQL/MariaDB capture"):
+            from optsync.capture.mysql.source import MySQLSource  # noqa: PLC0415
 
         return MySQLSource(source.url, source.tables, name=name, server_id=source.server_id)
-    from optsync.capture.postgres.source import PostgresSource  # noqa: PLC0415
+    with requires_extra("PostgreSQL capture"):
+        from optsync.capture.postgres.source import PostgresSource  # noqa: PLC0415
 
     return PostgresSource(
         source.url, source.tables, name=name, slot=source.slot, publication=source.publication
@@ -81,7 +84,8 @@ def open_stream(settings: Settings) -> ChangeStream:
     """The stream of ``[stream] url``: embedded (DATA_DIR/stream.db), NATS JetStream or Kinesis."""
     stream = settings.stream
     if stream.scheme == "nats":
-        from optsync.stream.nats import NatsStream  # noqa: PLC0415
+        with requires_extra("The NATS JetStream stream"):
+            from optsync.stream.nats import NatsStream  # noqa: PLC0415
 
         return NatsStream(
             stream.url,
@@ -107,7 +111,8 @@ def open_stream(settings: Settings) -> ChangeStream:
 def open_store(settings: Settings) -> EndpointStore:
     """The engine store of ``[engine] url``: SQLite (default) or PostgreSQL."""
     if settings.engine_scheme == "postgresql":
-        from optsync.engine.postgres import PostgresStore  # noqa: PLC0415
+        with requires_extra("The PostgreSQL engine"):
+            from optsync.engine.postgres import PostgresStore  # noqa: PLC0415
 
         assert settings.engine_url is not None
         return PostgresStore(settings.engine_url, settings.engine)
@@ -119,7 +124,8 @@ def open_store(settings: Settings) -> EndpointStore:
 def open_dlq(settings: Settings) -> DeadLetterQueue:
     """The dead-letter queue: in the engine's PostgreSQL database, else DATA_DIR/dlq.db."""
     if settings.engine_scheme == "postgresql":
-        from optsync.apply.dlq.postgres import PostgresDeadLetterQueue  # noqa: PLC0415
+        with requires_extra("The PostgreSQL dead-letter queue"):
+            from optsync.apply.dlq.postgres import PostgresDeadLetterQueue  # noqa: PLC0415
 
         assert settings.engine_url is not None
         return PostgresDeadLetterQueue(settings.engine_url)

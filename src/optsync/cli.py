@@ -53,6 +53,7 @@ from optsync.engine.models import App, ChannelType
 from optsync.engine.segments import definition_from_wire, definition_to_wire
 from optsync.engine.store import EndpointStore, Segment
 from optsync.errors import ConfigError, Fatal
+from optsync.extras import has_fast_server
 from optsync.logs import configure_logging
 from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
@@ -220,13 +221,19 @@ def _serve(
     mounts = {"/console": console_app}
     if prefs is not None:
         mounts["/prefs"] = prefs
+    fast = has_fast_server()
+    if not fast:
+        logger.info(
+            "uvloop and httptools are not installed: the API runs on asyncio and h11 at about "
+            "half the throughput; pip install 'optsync[fast]' to speed it up"
+        )
     config = uvicorn.Config(
         PinpointApi(store, verifier, metrics, mounts),
         host=settings.api.host,
         port=settings.api.port,
-        # Named, not "auto": a missing one fails at start instead of quietly costing CPU.
-        loop="uvloop",
-        http="httptools",
+        # Named, not "auto", when the fast extra is there; else the pure-Python pair, said once.
+        loop="uvloop" if fast else "asyncio",
+        http="httptools" if fast else "h11",
         access_log=False,
         log_config=None,
         lifespan="off",

@@ -15,6 +15,7 @@ from typing import Any
 
 from optsync.config import SourceSettings
 from optsync.errors import OptsyncError
+from optsync.extras import requires_extra
 
 __all__ = ("Writeback", "WritebackFailed")
 
@@ -42,14 +43,16 @@ class Writeback:
             conn.execute("PRAGMA busy_timeout = 10000")
             return conn
         if scheme in ("mysql", "mariadb"):
-            from optsync.capture.mysql.connection import SourceURL, connect  # noqa: PLC0415
+            with requires_extra("Write-back to MySQL/MariaDB"):
+                from optsync.capture.mysql.connection import SourceURL, connect  # noqa: PLC0415
 
             mysql: Any = connect(
                 SourceURL.parse(self.source.url, self.source.source_name), "writeback"
             )
             mysql.autocommit(True)
             return mysql
-        from optsync.capture.postgres.connection import connect as pg_connect  # noqa: PLC0415
+        with requires_extra("Write-back to PostgreSQL"):
+            from optsync.capture.postgres.connection import connect as pg_connect  # noqa: PLC0415
 
         return pg_connect(self.source.url, "optsync-writeback")
 
