@@ -32,6 +32,7 @@ from optsync.engine.phone import PhonePolicy
 from optsync.engine.segments import SegmentDefinition, definition_from_wire
 from optsync.engine.sql import StoreSettings
 from optsync.errors import ConfigError, InvalidRequest
+from optsync.redaction import redact_url
 from optsync.sinks.settings import (
     AuditSettings,
     EumInboundSettings,
@@ -225,15 +226,6 @@ def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"[{name}] must be a table")
     return value
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password after ``user:`` and any ``password=`` value replaced by ***.
-
-    Text that is no valid URL is redacted the same way, never quoted whole.
-    """
-    text = re.sub(r"(?i)(password=)[^&;\s]*", r"\1***", url)
-    return re.sub(r"^([a-z][a-z0-9+.-]*://[^:/@?#]*):[^@/?#]*@", r"\1:***@", text, flags=re.I)
 
 
 def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:

@@ -22,6 +22,7 @@ from optsync.engine.phone import PhonePolicy, country_for_address
 from optsync.errors import InvalidRequest, LimitExceeded
 
 __all__ = (
+    "FORBIDDEN_ID_CHARS",
     "MAX_ATTRIBUTE_NAME",
     "MAX_ATTRIBUTE_NAMES_PER_APP",
     "MAX_ATTRIBUTE_VALUE",
@@ -43,7 +44,8 @@ MAX_ATTRIBUTE_VALUE = 100
 MAX_VALUES_PER_ATTRIBUTE = 50
 MAX_ATTRIBUTE_NAMES_PER_APP = 250
 MAX_ENDPOINT_BYTES = 15 * 1024
-_FORBIDDEN_ID_CHARS = frozenset("${}")
+FORBIDDEN_ID_CHARS = frozenset("${}")
+"""Characters Pinpoint refuses in endpoint ids."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ def validate_patch(patch: EndpointPatch, where: str = "") -> None:
     """Raise ``InvalidRequest`` naming the field if the patch breaks one of Pinpoint's limits."""
     if not patch.id.strip():
         raise InvalidRequest(f"{where}Id must not be empty")
-    bad = _FORBIDDEN_ID_CHARS.intersection(patch.id)
+    bad = FORBIDDEN_ID_CHARS.intersection(patch.id)
     if bad:
         raise InvalidRequest(
             f"{where}Id must not contain {', '.join(sorted(bad))} (Pinpoint forbids $, {{ and }})"
