@@ -38,6 +38,7 @@ from optsync.backends import open_dlq, open_source, open_store, open_stream, req
 from optsync.capture.states import NOT_STARTED
 from optsync.cli_consent import register as register_consent_commands
 from optsync.cli_lambda import register as register_lambda_commands
+from optsync.cli_migrate import register as register_migrate_commands
 from optsync.cli_replay import register as register_replay_command
 from optsync.config import (
     LOOPBACK_HOSTS,
@@ -862,6 +863,7 @@ def demo(keep: bool) -> None:
 register_consent_commands(cli, _settings_for)
 register_replay_command(cli, _settings_for)
 register_lambda_commands(cli)
+register_migrate_commands(cli, _settings_for)
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ from optsync.engine.models import (
     iso_now,
 )
 from optsync.engine.segments import Dialect
+from optsync.engine.sql_bulk import SqlBulkImport
 from optsync.engine.sql_ledger import _CHANGE_COLUMNS, SqlLedger, _row_to_change
 from optsync.engine.sql_rows import (
     _ATTRIBUTE_COLUMNS,
@@ -104,7 +105,7 @@ class _Job:
     done: bool = False
 
 
-class SqlStore(SqlSegments, SqlLedger, EndpointStore):
+class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
     """Engine storage on a SQL database; see the module docstring."""
 
     dialect = Dialect()

@@ -127,6 +127,17 @@ class EndpointStore(ConsentLedger, ABC):
         """
 
     @abstractmethod
+    def import_endpoints(
+        self,
+        app_id: str,
+        patches: Iterable[EndpointPatch | tuple[EndpointPatch, Cause]],
+        cause: Cause,
+    ) -> WriteResult:
+        """Bulk load of an import file: the same rules and consent history as
+        ``write_endpoints``, all in one transaction; an item may carry its own cause (its file
+        and line). Endpoints that are new and touch no other endpoint are inserted set-based."""
+
+    @abstractmethod
     def sync(self) -> None:
         """Make every write committed so far durable (those written with ``durable=False``)."""
 
