@@ -32,7 +32,7 @@ from starlette.types import ASGIApp
 from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
 from optsync.apply.mapping import Mapper, MappingRule
-from optsync.apply.worker import ApplyWorker
+from optsync.apply.worker import ApplyStats, ApplyWorker
 from optsync.audit import format_duration
 from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
 from optsync.capture.states import NOT_STARTED
@@ -56,11 +56,12 @@ from optsync.engine.store import EndpointStore, Segment
 from optsync.errors import ConfigError, Fatal
 from optsync.extras import has_fast_server
 from optsync.logs import configure_logging
+from optsync.metrics import Metrics
 from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.runtime import tune_gc
 from optsync.sample import SAMPLE_TABLE, create_sample_database
-from optsync.status import read_status, to_prometheus
+from optsync.status import Status, read_status
 from optsync.stream.base import Checkpoint
 
 __all__ = ("main",)
@@ -195,17 +196,21 @@ def _serve(
     listener: socket.socket,
     pipeline: Pipeline | None = None,
     prefs: ASGIApp | None = None,
+    metrics: Metrics | None = None,
 ) -> None:
     """Run the API (console at /console, preference center at /prefs if given) on
     ``listener`` (from ``_listener``) until Ctrl-C or until the pipeline fails."""
-    metrics = None
+    metrics = Metrics() if metrics is None else metrics
     if pipeline is not None:
 
-        def metrics() -> str:
+        def status() -> Status:
             found = read_status(settings, store, pipeline.stream, pipeline.dlq)
-            return to_prometheus(
-                dataclasses.replace(found, capture_waiting=pipeline.capture_waiting)
-            )
+            return dataclasses.replace(found, capture_waiting=pipeline.capture_waiting)
+
+        def apply_stats() -> list[ApplyStats]:
+            return [] if pipeline.worker is None else [pipeline.worker.stats]
+
+        metrics.watch(status, apply_stats)
 
     console_app = create_console(
         console_context(
@@ -285,6 +290,7 @@ def _run_pipeline(
     stages: tuple[str, ...] = ("capture", "apply"),
 ) -> None:
     tasks: dict[str, TaskID] = {}
+    metrics = Metrics()
     with _snapshot_progress() as bar:
 
         def progress(table: str, done: int, expected: int | None) -> None:
@@ -292,7 +298,9 @@ def _run_pipeline(
                 tasks[table] = bar.add_task(table, total=expected)
             bar.update(tasks[table], completed=done, total=expected)
 
-        pipeline = Pipeline(settings, store, progress=progress, stages=stages)
+        pipeline = Pipeline(
+            settings, store, progress=progress, on_applied=metrics.observe_applied, stages=stages
+        )
         pipeline.start()
         try:
             # Serve as soon as the snapshot is taken, or at once while the source cannot be
@@ -312,7 +320,7 @@ def _run_pipeline(
             click.echo(line)
         if listener is not None:
             assert store is not None
-            _serve(settings, store, verifier, listener, pipeline, prefs)
+            _serve(settings, store, verifier, listener, pipeline, prefs, metrics)
         else:
             while pipeline.failure is None:
                 time.sleep(0.2)
@@ -862,8 +870,8 @@ def demo(keep: bool) -> None:
 
 register_consent_commands(cli, _settings_for)
 register_replay_command(cli, _settings_for)
-register_lambda_commands(cli)
 register_migrate_commands(cli, _settings_for)
+register_lambda_commands(cli)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ __all__ = (
     "Status",
     "read_status",
     "sink_statuses",
-    "to_prometheus",
 )
 
 APPLY_CONSUMER = "apply"
@@ -191,59 +190,3 @@ def read_status(
             stream.close()
         if own_dlq:
             dlq.close()
-
-
-def to_prometheus(status: Status) -> str:
-    """The status in Prometheus' text exposition format (counts only, no personal data)."""
-    lines = [
-        "# HELP optsync_stream_head Offset of the newest record in the stream.",
-        "# TYPE optsync_stream_head gauge",
-        f"optsync_stream_head {status.stream_head}",
-        "# HELP optsync_apply_offset Offset apply has acknowledged.",
-        "# TYPE optsync_apply_offset gauge",
-        f"optsync_apply_offset {status.apply_offset}",
-        "# HELP optsync_apply_lag_events Records in the stream apply has not acknowledged.",
-        "# TYPE optsync_apply_lag_events gauge",
-        f"optsync_apply_lag_events {status.lag_events}",
-        "# HELP optsync_apply_lag_seconds Age of the oldest record apply has not acknowledged.",
-        "# TYPE optsync_apply_lag_seconds gauge",
-        f"optsync_apply_lag_seconds {status.lag_seconds:.6f}",
-        "# HELP optsync_capture_waiting 1 while capture cannot reach its source (retrying).",
-        "# TYPE optsync_capture_waiting gauge",
-        f"optsync_capture_waiting {int(status.capture_waiting is not None)}",
-        "# HELP optsync_dlq_entries Dead letters not replayed yet.",
-        "# TYPE optsync_dlq_entries gauge",
-        f"optsync_dlq_entries {status.dlq_size}",
-        "# HELP optsync_endpoints Endpoints in the app the pipeline writes into.",
-        "# TYPE optsync_endpoints gauge",
-        f"optsync_endpoints {status.endpoints}",
-        "# HELP optsync_segment_endpoints Endpoints matching a segment (total or eligible).",
-        "# TYPE optsync_segment_endpoints gauge",
-    ]
-    for s in status.segments:
-        name = _label(s.name)
-        lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="total"}} {s.total}')
-        lines.append(f'optsync_segment_endpoints{{segment="{name}",kind="eligible"}} {s.eligible}')
-    lines += [
-        "# HELP optsync_optouts_overdue Opt-outs older than [audit] deadline that a sink has "
-        "not delivered.",
-        "# TYPE optsync_optouts_overdue gauge",
-        f"optsync_optouts_overdue {status.optouts_overdue}",
-    ]
-    gauges = (
-        ("sink_lag_changes", "Consent changes not handed to the sink yet.", "behind"),
-        ("sink_lag_seconds", "Age of the oldest change not handed to the sink.", "lag_seconds"),
-        ("sink_dead_letters", "Changes the sink refused for good.", "dead_letters"),
-        ("sink_waiting", "Changes waiting to be tried again (EUM's 30-day rule).", "waiting"),
-    )
-    for metric, help_text, field in gauges:
-        lines += [f"# HELP optsync_{metric} {help_text}", f"# TYPE optsync_{metric} gauge"]
-        for sink in status.sinks:
-            value = getattr(sink, field)
-            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-            lines.append(f'optsync_{metric}{{sink="{_label(sink.name)}"}} {shown}')
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")

@@ -16,6 +16,7 @@ from botocore.credentials import Credentials
 from optsync.api.app import MAX_PAYLOAD_BYTES, PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
 from optsync.engine.sqlite import SQLiteStore
+from optsync.metrics import Metrics
 
 BASE = "http://testserver"
 
@@ -112,10 +113,12 @@ def test_healthz_needs_no_signature(store: SQLiteStore) -> None:
     assert response.text == "ok\n"
 
 
-def test_metrics_route_needs_no_signature_and_serves_text(store: SQLiteStore) -> None:
-    app = PinpointApi(store, SignatureVerifier({"KEY1": "s3cret"}), lambda: "optsync_up 1\n")
+def test_metrics_route_needs_no_signature_and_counts_requests(store: SQLiteStore) -> None:
+    app = PinpointApi(store, SignatureVerifier({"KEY1": "s3cret"}), Metrics())
+    assert call(app, "GET", "/v1/apps").status_code == 403  # unsigned
     response = call(app, "GET", "/metrics")
     assert response.status_code == 200
-    assert response.text == "optsync_up 1\n"
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'optsync_api_requests_total{route="GET /v1/apps",status="403"} 1.0' in response.text
     without = call(PinpointApi(store, None), "GET", "/metrics")
     assert without.status_code == 404

@@ -2,8 +2,9 @@
 
 Every ``/v1`` request must carry a valid SigV4 signature (service ``mobiletargeting``) unless the
 server was started with ``--insecure-no-auth``. ``/healthz`` and ``/metrics`` (Prometheus text,
-counts only) need no signature. Responses are Pinpoint's bare payloads with the
-modelled status code and an ``x-amzn-RequestId`` header; errors use Pinpoint's error shapes.
+``optsync.metrics``: counts and timings only) need no signature. Responses are Pinpoint's bare
+payloads with the modelled status code and an ``x-amzn-RequestId`` header; errors use
+Pinpoint's error shapes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from optsync.api.routing import Call, Handler, Reply, Router, parse_query
 from optsync.api.sigv4 import SignatureError, SignatureVerifier
 from optsync.engine.store import EndpointStore
 from optsync.errors import InvalidRequest, NotFound, Retryable
+from optsync.metrics import CONTENT_TYPE, Metrics
 
 __all__ = ("MAX_PAYLOAD_BYTES", "PinpointApi")
 
@@ -42,7 +44,7 @@ ROUTER = Router(
 _JSON = json.JSONEncoder(separators=(",", ":"))
 _JSON_TYPE = (b"content-type", b"application/json")
 _TEXT_TYPE = (b"content-type", b"text/plain; charset=utf-8")
-_METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+_METRICS_TYPE = (b"content-type", CONTENT_TYPE.encode())
 
 # Handlers call the (blocking) store in these threads. Handed over with run_in_executor: anyio's
 # run_in_threadpool costs about 0.1 ms more CPU per request. 40 is anyio's default limit.
@@ -63,7 +65,7 @@ class PinpointApi:
         self,
         store: EndpointStore,
         verifier: SignatureVerifier | None,
-        metrics: Callable[[], str] | None = None,
+        metrics: Metrics | None = None,
         mounts: Mapping[str, ASGIApp] | None = None,
     ) -> None:
         self.store = store
@@ -99,8 +101,7 @@ class PinpointApi:
             if raw_path == "/healthz":
                 return _plain(200, b"ok\n", _TEXT_TYPE)
             if raw_path == "/metrics" and self.metrics is not None:
-                text = await _in_thread(self.metrics)
-                return _plain(200, text.encode(), _METRICS_TYPE)
+                return _plain(200, await _in_thread(self.metrics.render), _METRICS_TYPE)
             route, params = ROUTER.match(method, raw_path)
             template = route.template
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
@@ -128,14 +129,17 @@ class PinpointApi:
         except Exception:
             logger.exception("request failed request_id=%s route=%s", request_id, template)
             response = error_reply(ApiError.internal(request_id), request_id)
+        seconds = time.perf_counter() - started
         logger.info(
             "request method=%s route=%s status=%d ms=%.1f request_id=%s",
             method,
             template,
             response[0],
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
             request_id,
         )
+        if self.metrics is not None:
+            self.metrics.observe_request(f"{method} {template}", response[0], seconds)
         return response
 
     def _authenticate(
