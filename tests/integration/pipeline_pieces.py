@@ -1,7 +1,7 @@
 """The real pipeline pieces shared by the capture drivers: stream, engine, DLQ, apply worker.
 
-Each capture's driver (``mysql_driver.py``, ``postgres_driver.py``) runs its source against these,
-in-process in the tests or as a process the tests SIGKILL.
+The capture tests and the source contract suite run every source against these, in-process
+or as a process they SIGKILL (``source_driver.py``).
 """
 
 from __future__ import annotations

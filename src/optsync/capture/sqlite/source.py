@@ -29,15 +29,16 @@ Why it cannot lose a change
   every change after the snapshot is in the change table.
 - **Restart in the middle of a snapshot.** Each snapshot batch's state records how far it got
   (table, last rowid, tables done) and where the log will start (``log_after``, the original S).
-  After a restart the snapshot continues after that rowid in a *new* read transaction with a new
-  S' (the rows it still loads get ``position_of(S')``), while the log still starts after the
-  original S. Only a table whose rowid is an ``INTEGER PRIMARY KEY`` continues after its saved
-  rowid: ``VACUUM`` may renumber the rowids of any other table between the two runs and move
-  rows it has not loaded below the cursor, so such a table is loaded again from its start. A
-  change in (S, S'] to a row before the cursor is read from the log (it was loaded at S, and the
-  log has everything after S); the same change to a row after the cursor is older than that
-  row's load at S', so the guard discards it. Change rows are deleted only once the log
-  has read them (``acknowledge`` does nothing until the log phase), so none of (S, S'] is gone.
+  After a restart the snapshot continues after that rowid in a *new* read transaction with a new S'
+  (the rows it still loads get ``position_of(S') + ".1"``, after change S' itself, which the log
+  reads again), while the log still starts after the original S. Only a table whose rowid is an
+  ``INTEGER PRIMARY KEY`` continues after its saved rowid: ``VACUUM`` may renumber the rowids of any
+  other table between the two runs and move rows it has not loaded below the cursor, so such a table
+  is loaded again from its start. A change in (S, S'] to a row before the cursor is read from the
+  log (it was loaded at S, and the log has everything after S); the same change to a row after the
+  cursor is older than that row's load at S', so the guard discards it. Change rows are deleted only
+  once the log has read them (``acknowledge`` does nothing until the log phase), so none of (S, S']
+  is gone.
 - **A table added to the configuration later** is snapshotted the same way while the log waits
   at its position: its triggers exist from ``open`` on, its loads get a fresh S >= every position
   read so far.
@@ -529,6 +530,12 @@ class SQLiteSource(ChangeSource):
                 log_after=s if state.log_after is None else state.log_after,
             )
             position = position_of(s)
+            if state.log_after is not None and s > state.log_after:
+                # A restarted snapshot: the log, still after the original S, reads change S'
+                # again, and this read holds it. Its loads sort just after that change (and
+                # before S'+1): with the same position the stream would keep one of the two as a
+                # duplicate, and losing the change loses its before image (an old address).
+                position += ".1"
             logger.info(
                 "snapshot started source=%s s=%d log_after=%d tables=%s",
                 self.name,

@@ -1,16 +1,15 @@
-"""The real pipeline pieces around a ``MySQLSource``, in-process or as a process to SIGKILL.
+"""The real pipeline pieces around any ``ChangeSource``, as a process the tests SIGKILL.
 
-``Pieces`` opens what ``optsync run`` uses, in one folder: ``EmbeddedStream(stream.db)``,
-``SQLiteStore(engine.db)`` with the sample's app (SMS on, a Country=US segment),
-``SQLiteDeadLetterQueue(dlq.db)`` and an ``ApplyWorker`` with the AWS sample's mapping rule.
-``capture_step`` does what the pipeline's capture thread does with one batch: append it with
-its checkpoint, then acknowledge the source.
-
-As a script it runs capture and apply in two threads until it is killed (or gets SIGTERM),
+One driver for every source (it replaced ``mysql_driver.py`` and ``postgres_driver.py``, which
+differed only in the class they opened). It runs capture and apply in two threads into
+``pipeline_pieces.Pieces`` in FOLDER until it is killed, or until SIGTERM (then it exits 0),
 printing ``snapshot <rows>`` and ``log <events>`` lines as it goes::
 
-    python tests/integration/mysql_driver.py URL FOLDER TABLE [TABLE...] [--chunk-size N]
-        [--batch-delay SECONDS]
+    python tests/integration/source_driver.py KIND TARGET FOLDER TABLE [TABLE...]
+        [--chunk-size N] [--batch-delay SECONDS]
+
+KIND is ``mysql``, ``postgres`` or ``sqlite``; TARGET is the source's URL, or for ``sqlite`` the
+database file. ``make_source`` is also how the contract suite opens its sources in-process.
 """
 
 from __future__ import annotations
@@ -21,22 +20,46 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from pipeline_pieces import APP, RULE, SEGMENT, Pieces
+from pipeline_pieces import Pieces
 
+from optsync.capture.base import ChangeSource
 from optsync.capture.mysql.source import MySQLSource
+from optsync.capture.postgres.source import PostgresSource
+from optsync.capture.sqlite.source import SQLiteSource
 
-__all__ = ("APP", "RULE", "SEGMENT", "Pieces")
+__all__ = ("KINDS", "make_source")
+
+KINDS = ("mysql", "postgres", "sqlite")
+
+
+def make_source(
+    kind: str,
+    target: str,
+    tables: Sequence[str],
+    *,
+    chunk_size: int = 10_000,
+    idle_wait: float = 0.05,
+) -> ChangeSource:
+    """The source of ``kind`` on ``target`` (URL, or file for sqlite), under its default name."""
+    if kind == "mysql":
+        return MySQLSource(target, tables, chunk_size=chunk_size, idle_wait=idle_wait)
+    if kind == "postgres":
+        return PostgresSource(target, tables, chunk_size=chunk_size, idle_wait=idle_wait)
+    if kind == "sqlite":
+        return SQLiteSource(target, tables, chunk_size=chunk_size, idle_wait=idle_wait)
+    raise ValueError(f"unknown source kind {kind!r}: use one of {', '.join(KINDS)}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("url")
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("target")
     parser.add_argument("folder", type=Path)
     parser.add_argument("tables", nargs="+")
-    parser.add_argument("--name", default="mysql")
     parser.add_argument("--chunk-size", type=int, default=10_000)
     parser.add_argument("--batch-delay", type=float, default=0.0)
     args = parser.parse_args()
@@ -47,9 +70,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     pieces = Pieces(args.folder)
-    source = MySQLSource(
-        args.url, args.tables, name=args.name, chunk_size=args.chunk_size, idle_wait=0.05
-    )
+    source = make_source(args.kind, args.target, args.tables, chunk_size=args.chunk_size)
     last = pieces.checkpoint(source)
     source.open(last)
     failure: list[BaseException] = []
