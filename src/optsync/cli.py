@@ -46,10 +46,10 @@ from optsync.config import (
     SegmentSettings,
     Settings,
     SourceSettings,
-    load_or_create_credentials,
     load_settings,
 )
 from optsync.console import console_context, create_console
+from optsync.credentials import load_or_create_credentials
 from optsync.engine.models import App, ChannelType
 from optsync.engine.segments import definition_from_wire, definition_to_wire
 from optsync.engine.store import EndpointStore, Segment

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from optsync.api.sigv4 import parse_credentials
 from optsync.apply.mapping import MappingRule
+from optsync.credentials import parse_credentials
 from optsync.engine.endpoints import CountryDerivation
 from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
@@ -49,7 +48,6 @@ __all__ = (
     "SourceSettings",
     "StreamSettings",
     "load_settings",
-    "load_or_create_credentials",
     "parse_listen",
     "parse_mappings",
 )
@@ -673,20 +671,3 @@ def parse_mappings(
     """Mapping rules from a list of ``[[mapping]]`` tables given some other way (the Lambda's
     ``OPTSYNC_MAPPING`` JSON), with the same keys and checks as the config file."""
     return _mappings({"mapping": raw}, policy)
-
-
-def load_or_create_credentials(data_dir: Path) -> tuple[dict[str, str], bool]:
-    """Key pairs from ``DATA_DIR/credentials``, generating one pair the first time.
-
-    Returns the pairs and whether they were just created.
-    """
-    path = data_dir / "credentials"
-    if path.exists():
-        return parse_credentials(path.read_text().strip(), source=str(path)), False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key_id = "OPTSYNC" + secrets.token_hex(6).upper()
-    secret = secrets.token_urlsafe(30)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(f"{key_id}:{secret}\n")
-    return {key_id: secret}, True

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from optsync.config import SourceSettings, load_or_create_credentials, load_settings
+from optsync.config import SourceSettings, load_settings
+from optsync.credentials import load_or_create_credentials
 from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
 from optsync.engine.segments import definition_from_wire, definition_to_wire

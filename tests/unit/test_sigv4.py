@@ -19,8 +19,8 @@ from optsync.api.sigv4 import (
     SignatureError,
     SignatureErrorCode,
     SignatureVerifier,
-    parse_credentials,
 )
+from optsync.credentials import parse_credentials
 from optsync.errors import ConfigError
 
 KEY_ID = "AKIDOPTSYNCTEST"

@@ -26,13 +26,12 @@ from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from optsync.errors import ConfigError
+from optsync.credentials import KEY_ID
 
 __all__ = (
     "SignatureError",
     "SignatureErrorCode",
     "SignatureVerifier",
-    "parse_credentials",
 )
 
 logger = logging.getLogger(__name__)
@@ -40,13 +39,11 @@ logger = logging.getLogger(__name__)
 _ALGORITHM = "AWS4-HMAC-SHA256"
 _TERMINATOR = "aws4_request"
 _TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
-_CREDENTIALS_FORM = "KEYID:SECRET[,KEYID:SECRET...]"
 _AUTHORIZATION_FORM = (
     f"'{_ALGORITHM} Credential=KEYID/YYYYMMDD/REGION/SERVICE/{_TERMINATOR}, "
     "SignedHeaders=host;x-amz-date, Signature=<64 hex digits>'"
 )
 
-_KEY_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 _SCOPE_NAME = re.compile(r"[A-Za-z0-9\-]{1,63}")  # region and service, as botocore allows them
 _DATE = re.compile(r"[0-9]{8}")
 _TIMESTAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z")
@@ -71,33 +68,6 @@ class SignatureError(Exception):
         super().__init__(message)
         self.code: str = code
         self.message = message
-
-
-def parse_credentials(text: str, source: str = "OPTSYNC_API_CREDENTIALS") -> dict[str, str]:
-    """Parse ``KEYID:SECRET[,KEYID:SECRET]`` into a mapping of access key id to secret.
-
-    Messages name the item by position only: an item may be a secret typed in the wrong place.
-    """
-    if not text.strip():
-        raise ConfigError(f"{source} is empty: expected {_CREDENTIALS_FORM}")
-    keys: dict[str, str] = {}
-    positions: dict[str, int] = {}
-    for position, item in enumerate(text.split(","), start=1):
-        key_id, separator, secret = item.strip().partition(":")
-        if not separator:
-            problem = "is empty" if not item.strip() else "has no ':' between key id and secret"
-        elif not _KEY_ID.fullmatch(key_id):
-            problem = "has an invalid key id (use 1-128 of A-Z a-z 0-9 _ . -)"
-        elif not secret or any(character.isspace() for character in secret):
-            problem = "has an empty secret or one containing spaces"
-        elif key_id in keys:
-            problem = f"repeats the key id of item {positions[key_id]}"
-        else:
-            keys[key_id] = secret
-            positions[key_id] = position
-            continue
-        raise ConfigError(f"{source}: item {position} {problem}; expected {_CREDENTIALS_FORM}")
-    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +297,7 @@ def _parse_authorization(values: list[str]) -> _Authorization:
     scope = parts["Credential"].split("/")
     if (
         len(scope) != 5
-        or not _KEY_ID.fullmatch(scope[0])
+        or not KEY_ID.fullmatch(scope[0])
         or not _DATE.fullmatch(scope[1])
         or not _SCOPE_NAME.fullmatch(scope[2])
         or not _SCOPE_NAME.fullmatch(scope[3])

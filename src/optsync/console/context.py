@@ -15,7 +15,8 @@ from optsync.apply.dlq import DeadLetter, DeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
 from optsync.backends import open_dlq, open_stream
-from optsync.config import Settings, load_or_create_credentials
+from optsync.config import Settings
+from optsync.credentials import load_or_create_credentials
 from optsync.engine.store import EndpointStore
 from optsync.pipeline import ensure_app
 from optsync.status import Status, read_status
