@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import tempfile
@@ -161,6 +162,8 @@ def main() -> None:
             f"baseline on {min(args.baseline, count):,}: write_endpoints x{WRITE_BATCH} "
             f"{write_rate:9,.0f} /s; import_endpoints {bulk_rate:9,.0f} /s"
         )
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+        print(f"peak resident memory of this process: {peak:.2f} GB")
         print(
             f"whole import / write_endpoints ceiling: {rate / write_rate:.2f}x; "
             f"target {TARGET:,.0f} endpoints/s: {'met' if rate >= TARGET else 'NOT met'}"

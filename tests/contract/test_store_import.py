@@ -154,3 +154,90 @@ def test_a_failing_line_leaves_nothing_written(store: EndpointStore) -> None:
     with pytest.raises(InvalidRequest, match="ChannelType"):
         store.import_endpoints(app_id, bad, IMPORT)
     assert store.count_endpoints(app_id) == 0
+
+
+def test_rows_built_for_repeated_values_match_write_endpoints(store: EndpointStore) -> None:
+    # The bulk path memoizes what repeats across lines (a map's JSON, a value read as a date):
+    # attribute and metric rows must count exactly as the normal path's.
+    patches = [
+        EndpointPatch(
+            f"ep-{i}",
+            ChannelType.SMS,
+            f"+1206555{i:04d}",
+            OptOut.ALL if i % 5 == 0 else OptOut.NONE,
+            effective_date="2025-06-01T10:00:00.000Z",
+            request_id=f"req-{i}",
+            attributes={"signup": (f"2025-06-0{i % 3 + 1}T00:00:00Z",), "plan": ("gold", "gold")},
+            user_attributes={"tier": (str(i % 2),)},
+            # 1 and 1.0 are equal keys of a memo but not the same JSON.
+            metrics={"score": i % 2 if i % 4 else float(i % 2)},
+        )
+        for i in range(40)
+    ]
+    written = store.create_app("written").id
+    imported = store.create_app("imported").id
+    store.write_endpoints(written, patches, IMPORT)
+    store.import_endpoints(imported, patches, IMPORT)
+    assert _state(store, imported) == _state(store, written)
+    for dimensions in (
+        {"Attributes": {"signup": {"Values": ["2025-06-01T12:00:00Z"], "AttributeType": "AFTER"}}},
+        {"Attributes": {"plan": {"Values": ["gold"]}}},
+        {"UserAttributes": {"tier": {"Values": ["1"]}}},
+        {"Metrics": {"score": {"ComparisonOperator": "GREATER_THAN", "Value": 0.5}}},
+    ):
+        segment = definition_from_wire({"Name": "s", "Dimensions": dimensions}, require_name=True)
+        a = store.create_segment(written, segment)
+        b = store.create_segment(imported, segment)
+        assert store.estimate(imported, b.id) == store.estimate(written, a.id)
+        assert store.estimate(imported, b.id).total > 0
+
+
+def test_a_new_endpoint_at_a_held_address_ends_as_write_endpoints_does(
+    store: EndpointStore,
+) -> None:
+    # A new endpoint at the address of an end user's STOP (held addresses are read once per
+    # import): the same end as write_endpoints, and the held endpoint stays opted out.
+    number = "+12065550100"
+    ends = []
+    for name in ("written", "imported"):
+        app_id = store.create_app(name).id
+        held = EndpointPatch(
+            "held",
+            ChannelType.SMS,
+            number,
+            OptOut.NONE,
+            # INACTIVE: only the hold, not an ACTIVE endpoint, marks the address as taken.
+            endpoint_status=EndpointStatus.INACTIVE,
+            effective_date="2025-06-01T10:00:00.000Z",
+            request_id="req-held",
+        )
+        store.write_endpoints(app_id, [held], IMPORT)
+        store.record_end_user_opt_out(app_id, number, "2026-01-01T00:00:00.000Z", "eum-sms:x")
+        patches = [
+            *_patches(3),
+            EndpointPatch(
+                "newcomer",
+                ChannelType.SMS,
+                number,
+                OptOut.NONE,
+                effective_date="2025-06-01T10:00:00.000Z",
+                request_id="req-newcomer",
+            ),
+        ]
+        if name == "written":
+            store.write_endpoints(app_id, patches, IMPORT)
+        else:
+            store.import_endpoints(app_id, patches, IMPORT)
+        # The held endpoint's EffectiveDate is the time of the write that deactivates it.
+        state = {
+            k: dataclasses.replace(e, effective_date="") for k, e in _state(store, app_id).items()
+        }
+        ends.append(
+            (
+                state,
+                _history(store, app_id, "held"),
+                _history(store, app_id, "newcomer"),
+            )
+        )
+    assert ends[1] == ends[0]
+    assert ends[1][0]["held"].opt_out is OptOut.ALL

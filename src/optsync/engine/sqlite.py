@@ -290,6 +290,18 @@ class SQLiteStore(SqlStore):
                     "opt_out, COUNT(*) FROM endpoints GROUP BY 1, 2, 3, 4, 5"
                 )
 
+    @contextmanager
+    def _import_session(self) -> Iterator[None]:
+        # One import is one transaction that dirties far more pages than the usual 64 MiB cache
+        # holds; spilled pages are read back from the -wal file. 256 MiB while it runs: the
+        # write pass of 1,000,000 endpoints 16 % faster for about 230 MB more resident memory.
+        with self._lock:
+            self._conn.execute("PRAGMA cache_size = -262144")
+            try:
+                yield
+            finally:
+                self._conn.execute("PRAGMA cache_size = -65536")  # as __init__ sets it
+
     def _after_writes(self) -> None:
         # Refresh statistics after every 50,000 written endpoints (about 10 ms each time).
         if self._written - self._optimized_at >= 50_000:
