@@ -9,6 +9,7 @@ checks the invariant in the tables.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +33,8 @@ from optsync.engine.models import (
 )
 from optsync.engine.postgres import MIGRATIONS, PostgresStore
 from optsync.engine.postgres_database import migrate, translate_error
-from optsync.engine.segments import definition_from_wire
+from optsync.engine.segments import definition_from_wire, definition_to_wire
+from optsync.engine.segments.stored import FORMAT_VERSION
 from optsync.engine.store import ImportDefinition
 from optsync.errors import ConfigError, Fatal, LimitExceeded, NotFound, Retryable
 
@@ -163,7 +165,7 @@ def test_an_engine_of_version_2_keeps_its_segments_and_gains_import_segments(
         conn.execute("DROP TABLE segment_members")
         for column in ("import_format", "import_url", "import_external_id", "import_size"):
             conn.execute(f"ALTER TABLE segments DROP COLUMN {column}")
-        conn.execute("DELETE FROM schema_version WHERE component = 'engine' AND version = 3")
+        conn.execute("DELETE FROM schema_version WHERE component = 'engine' AND version >= 3")
     with closing(PostgresStore(database)) as store:
         again = store.get_segment(app.id, kept.id)
         assert (again.segment_type, again.import_definition) == ("DIMENSIONAL", None)
@@ -179,6 +181,65 @@ def test_an_engine_of_version_2_keeps_its_segments_and_gains_import_segments(
         assert store.estimate(app.id, imported.id).total == 1
     versions = side(database, "SELECT version FROM schema_version WHERE component = 'engine'")
     assert [v[0] for v in versions] == [m.version for m in MIGRATIONS]
+
+
+def test_an_engine_of_version_3_gets_its_segment_definitions_in_the_stored_form(
+    database: str,
+) -> None:
+    """Every version of every segment, as Pinpoint's JSON, converted by migration 4."""
+    with closing(PostgresStore(database)) as store:
+        app = store.create_app("old")
+        store.write_endpoints(
+            app.id,
+            [
+                EndpointPatch("e1", channel_type=ChannelType.SMS, address="+12065550100"),
+                EndpointPatch("e2", channel_type=ChannelType.SMS, address="+33612345678"),
+            ],
+            Cause(CauseKind.API, "r1"),
+        )
+        imported = store.create_import_segment(
+            app.id, "file", ["E1", "e2"], ImportDefinition("CSV", "s3://b/k", size=2)
+        )
+        us = {"Location": {"Country": {"Values": ["US"]}}}
+        kept = store.create_segment(
+            app.id, definition_from_wire({"Name": "us", "Dimensions": us}, require_name=True)
+        )
+        groups = {"Groups": [{"SourceSegments": [{"Id": imported.id}], "Type": "ALL"}]}
+        store.update_segment(
+            app.id, kept.id, definition_from_wire({"SegmentGroups": groups}, require_name=False)
+        )
+        segments = [
+            store.get_segment(app.id, kept.id, 1),
+            store.get_segment(app.id, kept.id, 2),
+            store.get_segment(app.id, imported.id),
+        ]
+        estimates = [store.estimate(app.id, s.id, s.version) for s in segments]
+    assert [e.total for e in estimates] == [1, 2, 2]
+    with psycopg.connect(database, autocommit=True) as conn:
+        # Back to version 3: the definition column as Pinpoint's JSON of the filter.
+        for segment in segments:
+            conn.execute(
+                "UPDATE segments SET definition = %s WHERE id = %s AND version = %s",
+                (json.dumps(definition_to_wire(segment.definition)), segment.id, segment.version),
+            )
+        conn.execute("DELETE FROM schema_version WHERE component = 'engine' AND version = 4")
+    with closing(PostgresStore(database)) as store:
+        assert [store.get_segment(app.id, s.id, s.version) for s in segments] == segments
+        assert [store.estimate(app.id, s.id, s.version) for s in segments] == estimates
+    stored = side(database, "SELECT definition FROM segments")
+    assert len(stored) == 3
+    assert all(json.loads(text)["v"] == FORMAT_VERSION for (text,) in stored)
+    versions = side(database, "SELECT version FROM schema_version WHERE component = 'engine'")
+    assert [v[0] for v in versions] == [m.version for m in MIGRATIONS]
+
+
+def test_a_segment_definition_of_a_newer_format_is_refused(database: str) -> None:
+    with closing(PostgresStore(database)) as store:
+        app = store.create_app("new")
+        kept = store.create_segment(app.id, definition_from_wire({"Name": "x"}, require_name=True))
+        side(database, "UPDATE segments SET definition = '{\"v\": 2}'")
+        with pytest.raises(ConfigError, match=r"format version 2.*upgrade optsync"):
+            store.get_segment(app.id, kept.id)
 
 
 def test_every_text_column_compares_bytes(database: str) -> None:

@@ -1,15 +1,18 @@
 """An engine file written before the consent ledger (schema 2) opens, keeps its history rows and
 gains the ledger's columns and tables; one written before IMPORT segments (schema 3) keeps its
-segments and gains the member table and the import columns."""
+segments and gains the member table and the import columns; one of schema 4 gets its segment
+definitions in optsync's stored form."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
 from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, Estimate, OptOut
-from optsync.engine.segments import definition_from_wire
+from optsync.engine.segments import definition_from_wire, definition_to_wire
+from optsync.engine.segments.stored import FORMAT_VERSION
 from optsync.engine.sqlite import SCHEMA_VERSION, SQLiteStore
 from optsync.engine.store import ImportDefinition
 
@@ -97,3 +100,61 @@ def test_a_schema_3_engine_file_gets_import_segments(tmp_path: Path) -> None:
             app, "s1", definition_from_wire({"Name": "everyone"}, require_name=False)
         )
         assert renamed.version == 2
+
+
+def test_a_schema_4_engine_file_gets_segments_in_the_stored_form(tmp_path: Path) -> None:
+    """Every segment version written as Pinpoint's JSON reads back equal, estimates unchanged."""
+    path = tmp_path / "engine.db"
+    with closing(SQLiteStore(path)) as store:
+        app = store.create_app("old").id
+        store.write_endpoints(
+            app,
+            [
+                EndpointPatch(id="e1", channel_type=ChannelType.SMS, address="+12065550101"),
+                EndpointPatch(id="e2", channel_type=ChannelType.SMS, address="+33612345678"),
+                EndpointPatch(id="e3", channel_type=ChannelType.SMS, address="+12065550103"),
+            ],
+            Cause(CauseKind.API, "r1"),
+        )
+        imported = store.create_import_segment(
+            app, "list", ["E1", "e2"], ImportDefinition("CSV", "s3://b/k", size=2)
+        )
+        us = {"Location": {"Country": {"Values": ["US"]}}}
+        dimensional = store.create_segment(
+            app, definition_from_wire({"Name": "us", "Dimensions": us}, require_name=True)
+        )
+        groups = {"Include": "ALL", "Groups": [{"SourceSegments": [{"Id": imported.id}],
+                                                "Dimensions": [us], "Type": "ALL"}]}  # fmt: skip
+        store.update_segment(
+            app,
+            dimensional.id,
+            definition_from_wire({"SegmentGroups": groups, "tags": {"t": "2"}}, require_name=False),
+        )
+        segments = [
+            store.get_segment(app, dimensional.id, 1),
+            store.get_segment(app, dimensional.id, 2),
+            store.get_segment(app, imported.id),
+        ]
+        estimates = [store.estimate(app, s.id, s.version) for s in segments]
+    assert [e.total for e in estimates] == [2, 1, 2]
+    with closing(sqlite3.connect(path)) as conn:
+        # Back to schema 4: the definition column as Pinpoint's JSON of the filter.
+        for segment in segments:
+            conn.execute(
+                "UPDATE segments SET definition = ? WHERE id = ? AND version = ?",
+                (
+                    json.dumps(definition_to_wire(segment.definition), sort_keys=True),
+                    segment.id,
+                    segment.version,
+                ),
+            )
+        conn.execute("PRAGMA user_version = 4")
+        conn.commit()
+    with closing(SQLiteStore(path)) as store:
+        assert store._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        stored = store._conn.execute("SELECT definition FROM segments").fetchall()
+        assert len(stored) == 3
+        assert all(json.loads(text)["v"] == FORMAT_VERSION for (text,) in stored)
+        again = [store.get_segment(app, s.id, s.version) for s in segments]
+        assert again == segments
+        assert [store.estimate(app, s.id, s.version) for s in segments] == estimates

@@ -44,6 +44,7 @@ from optsync.engine.postgres_database import (
 from optsync.engine.segments import Dialect
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
 from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
+from optsync.engine.sql_segments import DEFINITION_ROWS, DEFINITION_UPDATE, upgraded_definitions
 from optsync.engine.writes import Row
 
 __all__ = ("MIGRATIONS", "PostgresStore")
@@ -250,6 +251,19 @@ _V3 = (
     )""",
 )
 
+
+def _store_definitions(conn: psycopg.Connection[TupleRow]) -> None:
+    """Migration 4: every version of every segment rewritten in the stored form.
+
+    A Python step (``Migration.convert``), not a lazy conversion on read: the stored form is
+    then the only one any reader meets, and ``wire.py`` is never asked to read a row again.
+    """
+    rows = conn.execute(DEFINITION_ROWS).fetchall()
+    changed = upgraded_definitions(rows)
+    with conn.cursor() as cur:
+        cur.executemany(_pyformat(DEFINITION_UPDATE), changed)
+
+
 MIGRATIONS = (
     Migration(
         1,
@@ -258,6 +272,12 @@ MIGRATIONS = (
     ),
     Migration(2, "the consent ledger: sinks, end users' opt-outs, audit", _V2),
     Migration(3, "IMPORT segments: segment_members and the import definition columns", _V3),
+    Migration(
+        4,
+        "segment definitions in optsync's stored form instead of Pinpoint's JSON",
+        (),
+        convert=_store_definitions,
+    ),
 )
 """The engine's schema versions, oldest first; a new version is appended, never edited."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -155,11 +155,17 @@ def connect(url: str, what: str, application_name: str) -> psycopg.Connection[Tu
 
 @dataclass(frozen=True)
 class Migration:
-    """One schema version: the statements that take the previous version to it."""
+    """One schema version: the statements that take the previous version to it.
+
+    ``convert``, when set, runs after the statements in the same transaction, on the same
+    connection: a data conversion SQL cannot express (rewriting rows with Python code). It
+    must leave rows it already converted as they are.
+    """
 
     version: int
     summary: str
     statements: Sequence[str]
+    convert: Callable[[psycopg.Connection[TupleRow]], None] | None = None
 
 
 _SCHEMA_VERSION_TABLE = """
@@ -183,7 +189,8 @@ def migrate(
     """Bring ``component``'s tables to the last of ``migrations``; the version reached.
 
     One transaction under an advisory lock: processes starting together wait for the first
-    one, then find nothing left to do; a migration that fails leaves no half-made schema.
+    one, then find nothing left to do; a migration that fails leaves no half-made schema
+    (its ``convert`` step included).
     """
     latest = migrations[-1].version
     try:
@@ -211,6 +218,8 @@ def migrate(
                 )
                 for statement in migration.statements:
                     conn.execute(statement)
+                if migration.convert is not None:
+                    migration.convert(conn)
                 conn.execute(
                     "INSERT INTO schema_version (component, version, summary) VALUES (%s, %s, %s)",
                     (component, migration.version, migration.summary),

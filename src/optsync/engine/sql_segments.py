@@ -11,6 +11,10 @@ join each to ``endpoints`` through its (app_id, id_key) unique index. Members ar
 endpoint is simply not found by the join, and comes back if it is created again.
 ``SegmentDefinition.members`` marks an IMPORT segment's definition, so that a DIMENSIONAL
 segment can use it as a source segment (the compiler turns it into a membership test).
+
+The ``definition`` column holds optsync's stored form (``segments/stored.py``), not Pinpoint's
+JSON: reading a segment runs no API validation, and a change to the API codec never
+reinterprets a stored row. Name, tags and membership are read from their own columns.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from optsync.engine.segments import (
     compile_driven,
     compile_filter,
     compile_segment,
-    definition_from_wire,
-    definition_to_wire,
+)
+from optsync.engine.segments.stored import (
+    decode_definition,
+    encode_definition,
+    upgrade_definition,
 )
 from optsync.engine.sql_rows import _COLUMN_NAMES, _dumps, _offset, _row_to_endpoint
 from optsync.engine.store import ImportDefinition, Segment
@@ -42,7 +49,7 @@ from optsync.errors import InvalidRequest, NotFound
 if TYPE_CHECKING:
     from optsync.engine.sql import Cursor
 
-__all__ = ("SqlSegments",)
+__all__ = ("DEFINITION_ROWS", "DEFINITION_UPDATE", "SqlSegments", "upgraded_definitions")
 
 _ROLLUP_COLUMNS = frozenset({"country_code", "channel_type"})
 
@@ -52,6 +59,31 @@ IMPORT_FORMATS = ("CSV", "JSON")
 
 MEMBER_BATCH = 10_000
 """Member ids inserted per statement batch by ``create_import_segment``."""
+
+DEFINITION_ROWS = "SELECT app_id, id, version, segment_type, definition, name, tags FROM segments"
+"""The rows ``upgraded_definitions`` reads: every version of every segment."""
+DEFINITION_UPDATE = "UPDATE segments SET definition = ? WHERE app_id = ? AND id = ? AND version = ?"
+"""Writes one row of ``upgraded_definitions`` back (``?`` placeholders)."""
+
+
+def upgraded_definitions(rows: Iterable[Sequence[Any]]) -> list[tuple[str, str, str, int]]:
+    """(definition, app_id, id, version) for each row of ``DEFINITION_ROWS`` still in
+    Pinpoint's wire JSON (schema 4 and older), its definition in the stored form.
+
+    Used by both stores' migrations to schema 5; rows already converted are left out.
+    """
+    changed = []
+    for app_id, segment_id, version, segment_type, text, name, tags in rows:
+        stored = upgrade_definition(
+            text,
+            name=name,
+            tags=json.loads(tags),
+            members=segment_id if segment_type == IMPORT else None,
+        )
+        if stored != text:
+            changed.append((stored, app_id, segment_id, int(version)))
+    return changed
+
 
 _E_COLUMNS = ", ".join(f"e.{c}" for c in _COLUMN_NAMES)
 _ELIGIBLE = "e.status = 'ACTIVE' AND e.opt_out = 'NONE'"
@@ -110,7 +142,7 @@ class SqlSegments(ABC):
     )
 
     def _row_to_segment(self, row: Sequence[Any]) -> Segment:
-        definition = definition_from_wire(json.loads(row[6]), require_name=False)
+        definition = decode_definition(row[6])
         imported = row[3] == IMPORT
         definition = SegmentDefinition(
             name=row[7],
@@ -151,7 +183,7 @@ class SqlSegments(ABC):
                 segment.segment_type,
                 segment.creation_date,
                 segment.last_modified_date,
-                _dumps(definition_to_wire(d)),
+                encode_definition(d),
                 d.name,
                 _dumps(dict(d.tags)),
                 source.format if source else None,

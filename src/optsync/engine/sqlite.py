@@ -12,16 +12,19 @@ from pathlib import Path
 
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
 from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
+from optsync.engine.sql_segments import DEFINITION_ROWS, DEFINITION_UPDATE, upgraded_definitions
 from optsync.sqlite_sync import without_fsync
 
 __all__ = ("SQLiteStore",)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """1: first release; 2: endpoint_attributes clustered, with the rollup columns copied in;
 3: the consent ledger (history columns for sinks and audit, end-user opt-outs, sink state);
-4: IMPORT segments (``segment_members``, the import definition columns of ``segments``)."""
+4: IMPORT segments (``segment_members``, the import definition columns of ``segments``);
+5: ``segments.definition`` in optsync's stored form (``segments/stored.py``) instead of
+Pinpoint's JSON: every version of every segment converted once, in one transaction, on open."""
 
 SEGMENT_IMPORT_COLUMNS = (
     "import_format TEXT",
@@ -272,6 +275,17 @@ class SQLiteStore(SqlStore):
             log.info("engine schema: adding IMPORT segments (version 4)")
             for column in SEGMENT_IMPORT_COLUMNS:
                 self._conn.execute(f"ALTER TABLE segments ADD COLUMN {column}")
+        if segments and version < 5:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                changed = upgraded_definitions(self._conn.execute(DEFINITION_ROWS).fetchall())
+                log.info("engine schema: segment definitions to the stored form (version 5)")
+                # Rows already converted are skipped: a run cut short is simply run again.
+                self._conn.executemany(DEFINITION_UPDATE, changed)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
         if exists and version < 2:
             # Version 1 kept attribute rows without the rollup columns: rebuild them.
             log.info("engine schema: rebuilding endpoint_attributes for version 2")

@@ -23,7 +23,8 @@ Not supported, refused with a 400 naming the field: ``Location.GPSPoint`` and ``
 (optsync keeps no session data to evaluate recency).
 
 The package: ``model`` (the definitions and their limits), ``wire`` (Pinpoint's JSON in and
-out) and ``sql`` (the compiler); everything public is re-exported here.
+out), ``stored`` (the engine's own form of a definition in its tables, versioned) and ``sql``
+(the compiler); everything public is re-exported here.
 """
 
 from optsync.engine.segments.model import (
@@ -54,10 +55,17 @@ from optsync.engine.segments.sql import (
     compile_filter,
     compile_segment,
 )
+from optsync.engine.segments.stored import (
+    FORMAT_VERSION,
+    decode_definition,
+    encode_definition,
+    upgrade_definition,
+)
 from optsync.engine.segments.wire import definition_from_wire, definition_to_wire
 
 __all__ = (
     "DEMOGRAPHIC_COLUMNS",
+    "FORMAT_VERSION",
     "MAX_DIMENSIONS",
     "MAX_SOURCE_DEPTH",
     "AttributeDimension",
@@ -80,7 +88,10 @@ __all__ = (
     "compile_driven",
     "compile_filter",
     "compile_segment",
+    "decode_definition",
     "definition_from_wire",
     "definition_to_wire",
+    "encode_definition",
     "iso_instant_ms",
+    "upgrade_definition",
 )
