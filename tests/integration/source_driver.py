@@ -30,6 +30,7 @@ from optsync.capture.base import ChangeSource
 from optsync.capture.mysql.source import MySQLSource
 from optsync.capture.postgres.source import PostgresSource
 from optsync.capture.sqlite.source import SQLiteSource
+from optsync.errors import Retryable
 
 __all__ = ("KINDS", "make_source")
 
@@ -72,7 +73,16 @@ def main() -> int:
     pieces = Pieces(args.folder)
     source = make_source(args.kind, args.target, args.tables, chunk_size=args.chunk_size)
     last = pieces.checkpoint(source)
-    source.open(last)
+    # As the pipeline's capture does: a busy source (SQLite recovering the WAL of the process
+    # this one replaces, while the application writes) is tried again, not a failure.
+    for attempt in range(20):
+        try:
+            source.open(last)
+            break
+        except Retryable:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
     failure: list[BaseException] = []
 
     def apply() -> None:

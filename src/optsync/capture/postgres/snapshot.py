@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from optsync.capture.postgres.connection import quote_ident
+from optsync.capture.postgres.position import load_position
 from optsync.capture.postgres.preflight import TableInfo
 from optsync.capture.postgres.values import Converter, converts, parse_copy_line
+from optsync.events import ChangeEvent, Op
 
-__all__ = ("Chunk", "TableReader")
+__all__ = ("Chunk", "TableReader", "load_events")
 
 _DEFAULT_ROWS_PER_PAGE: Final = 60
 
@@ -150,6 +152,37 @@ class TableReader:
             if value is not None:
                 row[name] = convert(value)
         return row
+
+
+def load_events(
+    info: TableInfo, rows: list[dict[str, Any]], at: int, first: int
+) -> list[ChangeEvent]:
+    """Load events of ``rows``, the ``first``-th row of the table onwards."""
+    key, table, schema = info.key, info.ref.name, info.ref.schema
+    if key:
+        position = load_position(at)
+        return [
+            ChangeEvent(
+                op=Op.LOAD,
+                table=table,
+                key={k: row[k] for k in key},
+                position=position,
+                after=row,
+                schema=schema,
+            )
+            for row in rows
+        ]
+    return [
+        ChangeEvent(
+            op=Op.LOAD,
+            table=table,
+            key={},
+            position=load_position(at, first + i),
+            after=row,
+            schema=schema,
+        )
+        for i, row in enumerate(rows)
+    ]
 
 
 def _escaped(sql: str) -> str:
