@@ -24,6 +24,7 @@ from optsync.engine.store import Segment
 from optsync.errors import InvalidRequest
 
 __all__ = (
+    "ENDPOINT_REQUEST_FIELDS",
     "app_to_wire",
     "channel_to_wire",
     "consent_to_wire",
@@ -32,7 +33,7 @@ __all__ = (
     "segment_to_wire",
 )
 
-_ENDPOINT_FIELDS = frozenset(
+ENDPOINT_REQUEST_FIELDS = frozenset(
     {
         "Address",
         "Attributes",
@@ -47,7 +48,7 @@ _ENDPOINT_FIELDS = frozenset(
         "User",
     }
 )
-_BATCH_ITEM_FIELDS = _ENDPOINT_FIELDS | {"Id"}
+_BATCH_ITEM_FIELDS = ENDPOINT_REQUEST_FIELDS | {"Id"}
 _DEMOGRAPHIC = {
     "AppVersion": "app_version",
     "Locale": "locale",
@@ -172,7 +173,7 @@ def endpoint_patch_from_wire(body: Any, endpoint_id: str, where: str = "") -> En
         unknown = set(body) - _BATCH_ITEM_FIELDS
         raise InvalidRequest(
             f"{where}{sorted(unknown)[0]} is not a field of EndpointRequest; "
-            f"known fields: {', '.join(sorted(_ENDPOINT_FIELDS))}"
+            f"known fields: {', '.join(sorted(ENDPOINT_REQUEST_FIELDS))}"
         )
     get = body.get
     # Fields are read in a fixed order, so a body with several errors always reports the same.

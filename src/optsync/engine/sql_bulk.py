@@ -38,7 +38,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from optsync.engine.countries import to_alpha2
 from optsync.engine.endpoints import (
     MAX_ATTRIBUTE_NAMES_PER_APP,
     MAX_ENDPOINT_BYTES,
@@ -67,8 +66,9 @@ from optsync.engine.sql_rows import (
     _HISTORY_COLUMNS,
     _dump_lists,
     _dumps,
+    _endpoint_values,
 )
-from optsync.engine.writes import Bucket, Row, WriteBatch
+from optsync.engine.writes import Bucket, Row, WriteBatch, bucket
 from optsync.errors import LimitExceeded
 
 if TYPE_CHECKING:
@@ -341,43 +341,7 @@ class _RowBuilder:
 
     def endpoint(self, pk: int, e: Endpoint) -> tuple[tuple[Any, ...], Bucket]:
         """The ``endpoints`` row (pk first) and the endpoint's rollup bucket."""
-        loc, demo = e.location, e.demographic
-        code = to_alpha2(loc.country) if loc.country else None
-        values = (
-            pk,
-            e.app_id,
-            e.id,
-            endpoint_key(e.id),
-            e.channel_type,
-            e.address,
-            e.opt_out,
-            e.endpoint_status,
-            e.creation_date,
-            e.effective_date,
-            e.cohort_id,
-            e.request_id,
-            e.user_id,
-            loc.country,
-            code,
-            loc.city,
-            loc.region,
-            loc.postal_code,
-            loc.latitude,
-            loc.longitude,
-            demo.app_version,
-            demo.locale,
-            demo.make,
-            demo.model,
-            demo.model_version,
-            demo.platform,
-            demo.platform_version,
-            demo.timezone,
-            self._lists(e.attributes),
-            self._lists(e.user_attributes),
-            self._metrics(e.metrics),
-            e.source_position,
-        )
-        return values, (code or "", e.channel_type, e.endpoint_status, e.opt_out)
+        return (pk, *_endpoint_values(e, self._lists, self._metrics)), bucket(e)
 
     def attributes(self, pk: int, e: Endpoint, side: Bucket) -> list[tuple[Any, ...]]:
         """The ``endpoint_attributes`` rows, as ``_attribute_rows`` gives them."""

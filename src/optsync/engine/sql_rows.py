@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from optsync.engine.countries import to_alpha2
@@ -131,7 +131,17 @@ def _row_to_endpoint(row: Sequence[Any]) -> Endpoint:
     )
 
 
-def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
+def _dump_metrics(values: Mapping[str, float]) -> str:
+    return _dumps(dict(values)) if values else "{}"
+
+
+def _endpoint_values(
+    e: Endpoint,
+    dump_lists: Callable[[Mapping[str, Sequence[str]]], str] = _dump_lists,
+    dump_metrics: Callable[[Mapping[str, float]], str] = _dump_metrics,
+) -> tuple[Any, ...]:
+    """The ``endpoints`` row of ``e`` (without its pk); the dumpers write the map columns' JSON
+    (the bulk import passes memoising ones)."""
     loc, demo = e.location, e.demographic
     return (
         e.app_id,
@@ -162,9 +172,9 @@ def _endpoint_values(e: Endpoint) -> tuple[Any, ...]:
         demo.platform,
         demo.platform_version,
         demo.timezone,
-        _dump_lists(e.attributes),
-        _dump_lists(e.user_attributes),
-        _dumps(dict(e.metrics)) if e.metrics else "{}",
+        dump_lists(e.attributes),
+        dump_lists(e.user_attributes),
+        dump_metrics(e.metrics),
         e.source_position,
     )
 

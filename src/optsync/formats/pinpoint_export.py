@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from optsync.api.wire import ENDPOINT_REQUEST_FIELDS
 from optsync.errors import InvalidRequest
 
 __all__ = (
@@ -41,19 +42,6 @@ __all__ = (
     "stable_endpoint_id",
 )
 
-_REQUEST_FIELDS = (
-    "Address",
-    "Attributes",
-    "ChannelType",
-    "Demographic",
-    "EffectiveDate",
-    "EndpointStatus",
-    "Location",
-    "Metrics",
-    "OptOut",
-    "RequestId",
-    "User",
-)
 _TEXT_COLUMNS = ("Id", "ChannelType", "Address", "OptOut", "EndpointStatus", "EffectiveDate")
 _TEXT_COLUMNS_TAIL = ("RequestId", "User.UserId")
 _DEMOGRAPHIC = (
@@ -108,7 +96,7 @@ def json_line(obj: Any) -> EndpointLine:
     """An export line (an EndpointResponse) or a JSON import line, as an ``EndpointLine``."""
     if not isinstance(obj, dict):
         raise InvalidRequest("the line must be a JSON object (one endpoint per line)")
-    request = {k: obj[k] for k in _REQUEST_FIELDS if k in obj and obj[k] is not None}
+    request = {k: obj[k] for k in ENDPOINT_REQUEST_FIELDS if k in obj and obj[k] is not None}
     metrics = request.get("Metrics")
     if isinstance(metrics, dict) and any(isinstance(v, str) for v in metrics.values()):
         request["Metrics"] = {k: _metric(v, k) for k, v in metrics.items()}
