@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from optsync.errors import ConfigError
 from optsync.events import ChangeEvent
 
-__all__ = ("CaptureBatch", "CaptureView", "ChangeSource", "Progress", "Unsupported")
+__all__ = (
+    "CaptureBatch",
+    "CaptureView",
+    "ChangeSource",
+    "Progress",
+    "Unsupported",
+    "check_arguments",
+)
 
 Progress = Callable[[str, int, int | None], None]
 """Called during a snapshot with (table, rows done, rows expected or None)."""
@@ -64,6 +71,17 @@ class CaptureBatch:
     events: Sequence[ChangeEvent]
     state: str
     """Opaque resume state (JSON text); handed back to ``open`` after a restart."""
+
+
+def check_arguments(tables: Sequence[str], chunk_size: int, idle_wait: float) -> None:
+    """The constructor arguments every source takes, checked alike (programming errors: a
+    configuration is checked before it reaches a source)."""
+    if isinstance(tables, str):
+        raise TypeError("tables must be a sequence of table names, not one string")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    if idle_wait < 0:
+        raise ValueError("idle_wait must not be negative")
 
 
 class ChangeSource(ABC):

@@ -107,7 +107,7 @@ from typing import Any, Final
 
 import pymysql
 
-from optsync.capture.base import CaptureBatch, ChangeSource, Progress
+from optsync.capture.base import CaptureBatch, ChangeSource, Progress, check_arguments
 from optsync.capture.mysql.connection import (
     PositionLost,
     PreflightFailed,
@@ -157,12 +157,7 @@ class MySQLSource(ChangeSource):
         chunk_size: int = 10_000,
         idle_wait: float = 0.2,
     ) -> None:
-        if isinstance(tables, str):
-            raise TypeError("tables must be a sequence of table names, not one string")
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-        if idle_wait < 0:
-            raise ValueError("idle_wait must not be negative")
+        check_arguments(tables, chunk_size, idle_wait)
         self.name = name
         self.url = SourceURL.parse(url, name)
         self.table_names = tuple(tables)

@@ -83,7 +83,7 @@ from typing import Any, Final
 import psycopg2
 import psycopg2.extensions
 
-from optsync.capture.base import CaptureBatch, ChangeSource, Progress
+from optsync.capture.base import CaptureBatch, ChangeSource, Progress, check_arguments
 from optsync.capture.postgres.connection import check_url, connect, masked, quote_ident
 from optsync.capture.postgres.log import UNCHANGED_TOAST, LogReading, SlotLost
 from optsync.capture.postgres.position import CaptureState, format_lsn, parse_lsn
@@ -129,12 +129,7 @@ class PostgresSource(LogReading, ChangeSource):
         chunk_size: int = 10_000,
         idle_wait: float = 0.2,
     ) -> None:
-        if isinstance(tables, str):
-            raise TypeError("tables must be a sequence of table names, not one string")
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-        if idle_wait < 0:
-            raise ValueError("idle_wait must not be negative")
+        check_arguments(tables, chunk_size, idle_wait)
         check_url(url)
         refs = [parse_table(t) for t in tables]
         if not refs:

@@ -73,7 +73,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 
-from optsync.capture.base import CaptureBatch, ChangeSource, Progress
+from optsync.capture.base import CaptureBatch, ChangeSource, Progress, check_arguments
 from optsync.capture.sqlite import log, snapshot
 from optsync.capture.sqlite.connection import connect, translated, use_wal
 from optsync.capture.sqlite.log import ACK_INTERVAL, CHANGE_TABLE
@@ -109,12 +109,7 @@ class SQLiteSource(ChangeSource):
         idle_wait: float = 0.2,
         ack_interval: float = ACK_INTERVAL,
     ) -> None:
-        if isinstance(tables, str):
-            raise TypeError("tables must be a sequence of table names, not one string")
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be at least 1")
-        if idle_wait < 0:
-            raise ValueError("idle_wait must not be negative")
+        check_arguments(tables, chunk_size, idle_wait)
         self.name = name
         self.path = Path(path)
         self.table_names = tuple(tables)
