@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck unit bench cluster clean
+.PHONY: run test lint typecheck unit bench cluster chaos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,19 @@ unit: $(VENV)/.installed-dev
 
 test: lint typecheck
 	bash scripts/ensure-test-tools.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # The scale-out walkthrough: private nats-server, PostgreSQL and MariaDB; capture, 2 apply, 2 serve.
 cluster: $(VENV)/.installed-dev
 	bash scripts/ensure-test-tools.sh
 	$(BIN)/python examples/cluster/run.py
+
+# The full chaos run (docs/reliability.md): >= 100 SIGKILLs of capture/apply/serve and restarts of
+# the source databases and nats-server under random source changes; minutes. The short form is in
+# `make test` (tests/chaos/test_chaos_short.py).
+chaos: $(VENV)/.installed-dev
+	bash scripts/ensure-test-tools.sh
+	$(BIN)/python tests/chaos/run.py --kills 100
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/engine.py

@@ -64,6 +64,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "servers"))
 
@@ -75,7 +77,7 @@ from postgres_server import running_server as postgres_server
 
 import mysql as mysql_bench
 from optsync.apply.mapping import Mapper
-from optsync.backends import open_dlq, open_store, open_stream
+from optsync.backends import mapping_rules, open_dlq, open_store, open_stream
 from optsync.capture.mysql.position import GtidPosition
 from optsync.config import Settings, SourceSettings, StreamSettings, load_settings
 from optsync.engine.models import Cause, CauseKind, ChannelType
@@ -123,13 +125,13 @@ def role_settings(
         if nats_url
         else StreamSettings()
     )
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         load_settings(None, env={}),
         data_dir=folder,
         source=SourceSettings(url=source_url, tables=("optin_status",)),
         stream=stream,
         engine_url=engine_url,
-        mappings=(mysql_bench.RULE,),
+        mappings=(mysql_bench.RULE_SETTINGS,),
         serve_api=False,
     )
 
@@ -412,7 +414,7 @@ def engine_role(settings: Settings, payload: list[bytes], go: Any, results: Any)
     events = [dms.decode(data) for data in payload]
     store = open_store(settings)
     app = ensure_app(store, settings.app)
-    mapper = Mapper(settings.mappings)
+    mapper = Mapper(mapping_rules(settings.mappings))
     cause = Cause(CauseKind.SOURCE, "")
     results.put(("ready",))
     go.wait()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -67,6 +66,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pymysql
 import pymysql.cursors
 from pymysqlreplication import BinLogStreamReader
@@ -76,10 +76,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "servers"
 from mariadb_server import MariaDBServer
 
 from optsync.apply.dlq import SQLiteDeadLetterQueue
-from optsync.apply.mapping import Mapper, MappingRule
+from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules, store_settings
 from optsync.capture.mysql.source import MySQLSource
-from optsync.config import SourceSettings, load_settings
+from optsync.config import MappingSettings, SourceSettings, load_settings
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
@@ -94,10 +95,16 @@ USER, PASSWORD = "optsync", "secret"
 TXN_ROWS = 1_000
 WRITERS = 4  # paced writers: one durable single-row commit takes about a millisecond here
 BATCH = 1_000  # the pipeline's batch size (optsync.pipeline.BATCH_SIZE)
-RULE = MappingRule(table="optin_status", address="phone", user_id="userid", opt_in="optin")
+RULE_SETTINGS = MappingSettings(
+    table="optin_status", address="phone", user_id="userid", opt_in="optin"
+)
+RULE = mapping_rules((RULE_SETTINGS,))[0]
 THROUGHPUT_TARGET = 25_000.0
 DECODE_SHARE_TARGET = 0.60
 SNAPSHOT_TARGET = 30_000.0
+MASS_TARGET_S = 60.0
+"""A 1,000,000-row UPDATE applied completely within this many seconds of its commit."""
+RSS_TARGET_MIB = 300.0
 P99_TARGET_MS = 25.0
 LATENCY_EPOCH = datetime(2030, 1, 1, tzinfo=UTC)
 AREA_CODES = ("206", "212", "312", "415", "503", "617", "702", "808")
@@ -475,14 +482,14 @@ class RunPipeline(Applying):
     """
 
     def __init__(self, folder: Path, url: str, tables: Sequence[str]) -> None:
-        settings = dataclasses.replace(
+        settings = msgspec.structs.replace(
             load_settings(None, env={}),
             data_dir=folder,
             source=SourceSettings(url=url, tables=tuple(tables)),
-            mappings=(RULE,),
+            mappings=(RULE_SETTINGS,),
             serve_api=False,
         )
-        self.store = SQLiteStore(settings.engine_path, settings.engine)
+        self.store = SQLiteStore(settings.engine_path, store_settings(settings))
         app = ensure_app(self.store, settings.app)
         self.store.put_channel(app.id, ChannelType.SMS, True, {})
         self.app_id = app.id
@@ -684,6 +691,115 @@ def snapshot_alone(url: str, rows: int, folder: Path | None) -> float:
     if seen != rows:
         raise RuntimeError(f"snapshot read {seen:,} rows of {rows:,}")
     return seen / (time.perf_counter() - began)
+
+
+# --------------------------------------------------------------------------------------------
+# 3b. a mass opt-out: one UPDATE of every row, in one transaction
+
+
+def _rss_kib(pid: int) -> int:
+    """Resident memory of one process (``VmRSS``), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _family(pid: int) -> list[int]:
+    """``pid`` and every process below it (the capture, binlog-reader and mapping children)."""
+    found = [pid]
+    for each in found:
+        for task in Path(f"/proc/{each}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                found.extend(int(child) for child in task.read_text().split())
+    return found
+
+
+class RssPeak:
+    """Samples the summed RSS of this process and its children every 0.2 s, in a thread."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self.peak_parts: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            parts = {}
+            for pid in _family(os.getpid()):
+                with contextlib.suppress(OSError):
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                    if name.startswith("python"):  # not the MariaDB server this script started
+                        parts[f"{name}:{pid}"] = _rss_kib(pid)
+            total = sum(parts.values())
+            if total > self.peak_kib:
+                self.peak_kib, self.peak_parts = total, parts
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def mass_opt_out(folder: Path, url: str, port: int, rows: int) -> dict[str, Any]:
+    """``rows`` users snapshotted and applied by the ``optsync run`` layout, then one UPDATE
+    opting every one of them out, in one transaction: seconds from its commit until the last
+    change is applied, and the peak RSS of the pipeline's processes (this one included)."""
+    fill(port, rows, KEYED_DDL)
+    run = RunPipeline(folder, url, ["optin_status"])
+    began = time.time()
+    run.start()
+    try:
+        run.wait_applied(rows, 3600)
+        snapshot_s = run.seen.last_applied - began
+        with RssPeak() as rss:
+            with closing(connect(port)) as conn, conn.cursor() as cur:
+                cur.execute("UPDATE optin_status SET optin = 0")
+                conn.commit()
+                committed = time.time()
+            deadline = time.monotonic() + 3600
+            shown = time.monotonic()
+            while run.seen.applied < 2 * rows:
+                run.check()
+                if time.monotonic() - shown >= 5:
+                    shown = time.monotonic()
+                    done = run.seen.applied - rows
+                    print(f"    {time.time() - committed:5.1f} s after the commit: "
+                          f"{done:,} of {rows:,} applied", flush=True)  # fmt: skip
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"only {run.seen.applied - rows:,} of {rows:,} applied")
+                time.sleep(0.05)
+            applied_s = run.seen.last_applied - committed
+        with run.store._read() as cur:  # a bench reads the rollup directly
+            counts = dict(
+                cur.execute(
+                    "SELECT opt_out, SUM(n) FROM endpoint_counts WHERE app_id = ? GROUP BY 1",
+                    (run.app_id,),
+                ).fetchall()
+            )
+    finally:
+        run.stop()
+    with closing(sqlite3.connect(run.stream_path)) as conn:
+        (in_stream,) = conn.execute("SELECT max(appended_at) FROM records").fetchone()
+    if counts.get("ALL") != rows or counts.get("NONE", 0) != 0:
+        raise RuntimeError(f"after the mass opt-out the engine holds {counts}")
+    return {
+        "rows": rows,
+        "snapshot_applied_rows_s": rows / snapshot_s,
+        "commit_to_all_applied_s": applied_s,
+        "commit_to_all_in_stream_s": in_stream - committed,
+        "applied_changes_s": rows / applied_s,
+        "peak_rss_mib": rss.peak_kib / 1024,
+        "peak_rss_parts_mib": {k: v / 1024 for k, v in rss.peak_parts.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -940,6 +1056,26 @@ def main() -> None:
             "keyless_capture_rows_s": keyless,
         }
 
+        # 3b. mass opt-out -----------------------------------------------------------------
+        print(f"3b. mass opt-out: {snapshot_rows:,} rows snapshotted by the optsync run layout, "
+              "then one UPDATE of all of them in one transaction")  # fmt: skip
+        mass = mass_opt_out(root / "mass", url, port, snapshot_rows)
+        print(
+            "  snapshot -> applied (optsync run)        "
+            f" {mass['snapshot_applied_rows_s']:>9,.0f} rows/s"
+        )
+        print(
+            "  UPDATE commit -> last change applied     "
+            f" {mass['commit_to_all_applied_s']:>9.1f} s "
+            f"({mass['applied_changes_s']:,.0f} changes/s; all in the stream after "
+            f"{mass['commit_to_all_in_stream_s']:.1f} s)"
+        )
+        print(
+            f"  peak RSS, the pipeline's processes        {mass['peak_rss_mib']:>9,.0f} MiB "
+            f"({', '.join(f'{k} {v:,.0f}' for k, v in mass['peak_rss_parts_mib'].items())})\n"
+        )
+        figures["mass_opt_out"] = mass
+
         # 4. latency --------------------------------------------------------------------------
         seed = 1_000
         print(f"4. commit -> applied latency, {paced:,} single-row commits, one per ms")
@@ -986,6 +1122,14 @@ def main() -> None:
          alone >= SNAPSHOT_TARGET, f"SELECT {select:,.0f}/s"),
         ("snapshot -> applied", f"{snapshot_applied:,.0f} rows/s", f">= {SNAPSHOT_TARGET:,.0f}/s",
          snapshot_applied >= SNAPSHOT_TARGET, f"SELECT {select:,.0f}/s"),
+        ("snapshot -> applied (run)", f"{mass['snapshot_applied_rows_s']:,.0f} rows/s",
+         f">= {SNAPSHOT_TARGET:,.0f}/s", mass["snapshot_applied_rows_s"] >= SNAPSHOT_TARGET,
+         f"SELECT {select:,.0f}/s"),
+        (f"mass opt-out, {mass['rows']:,}", f"{mass['commit_to_all_applied_s']:.1f} s",
+         f"<= {MASS_TARGET_S:.0f} s", mass["commit_to_all_applied_s"] <= MASS_TARGET_S,
+         f"{mass['applied_changes_s']:,.0f} changes/s"),
+        ("peak RSS, mass opt-out", f"{mass['peak_rss_mib']:,.0f} MiB",
+         f"<= {RSS_TARGET_MIB:.0f} MiB", mass["peak_rss_mib"] <= RSS_TARGET_MIB, "-"),
         ("p99 commit -> applied", f"{applied['p99']:.2f} ms", f"<= {P99_TARGET_MS:.0f} ms",
          applied["p99"] <= P99_TARGET_MS, f"raw reader p99 {raw_stats['p99']:.2f} ms"),
         ("p99 commit -> in stream", f"{durable['p99']:.2f} ms", f"<= {P99_TARGET_MS:.0f} ms",

@@ -69,10 +69,15 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import optsync
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
+from optsync.apply.partitioned import PartitionedApply
+from optsync.apply.stage import MappingStage
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules, store_settings
 from optsync.capture.sqlite.source import CHANGE_TABLE, SQLiteSource
 from optsync.cli import SAMPLE_RULE
 from optsync.config import Settings, SourceSettings, load_settings
@@ -96,6 +101,8 @@ TXN_ROWS = 1_000
 THROUGHPUT_TARGET = 25_000.0  # changes/s, G1 (batched source writes, embedded stream)
 P50_TARGET_MS = 5.0  # G2 at 1k changes/s
 P99_TARGET_MS = 25.0
+ENGINE_TARGET = 40_000.0  # pipeline-shaped writes/s, the engine alone (issue 17)
+CORES_TARGET = 1.5  # cores the pipeline uses at full throughput (issue 17)
 LATENCY_SEED_USERS = 1_000
 STALL_SECONDS = 60.0
 AREA_CODES = ("206", "212", "312", "415", "503", "617", "702", "808")
@@ -310,7 +317,7 @@ def collect(process: BaseProcess, results: multiprocessing.Queue[object], timeou
 def pipeline_settings(data_dir: Path) -> Settings:
     """The demo's settings (sample mapping rule, country derivation) on ``data_dir``."""
     base = load_settings(None, env={})
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         base,
         data_dir=data_dir,
         source=SourceSettings(url=f"sqlite:///{data_dir / 'app.db'}", tables=(SAMPLE_TABLE,)),
@@ -321,7 +328,7 @@ def pipeline_settings(data_dir: Path) -> Settings:
 
 def open_engine(settings: Settings) -> tuple[SQLiteStore, str]:
     """The engine with the sample's app and SMS channel, as ``optsync up`` prepares it."""
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     app = ensure_app(store, settings.app)
     store.put_channel(app.id, ChannelType.SMS, True, {})
     return store, app.id
@@ -387,6 +394,8 @@ class ThroughputRun:
     """CPU seconds (capture + apply + this script's polling) per wall second."""
     capture_cores: float
     """The capture process's share of ``cpu_cores`` (0 when capture runs in a thread)."""
+    mapping_cores: float
+    """The mapping process's share of ``cpu_cores`` (0 without one)."""
     endpoints: int
     endpoints_expected: int
     dead: int
@@ -434,7 +443,9 @@ def pipeline_throughput(
         if not pipeline.snapshot_done.wait(30):
             pipeline.check()
             raise RuntimeError("the pipeline did not finish its (empty) snapshot in 30 s")
+        mapping_pid = pipeline.stage.pid if pipeline.stage is not None else None
         child_started = process_cpu(pipeline.capture_pid)
+        mapping_started = process_cpu(mapping_pid)
         cpu_started, wall_started = time.process_time(), time.time()
         process, results = spawn(write_transactions, str(source_path), total)
         step, progress_at, last_count, last_time = total // 10, total // 10, 0, wall_started
@@ -462,6 +473,7 @@ def pipeline_throughput(
                 progress_at = (count // step + 1) * step
         cpu, wall = time.process_time() - cpu_started, time.time() - wall_started
         child_cpu = process_cpu(pipeline.capture_pid) - child_started
+        mapping_cpu = process_cpu(mapping_pid) - mapping_started
         started, commits = collect(process, results, 120)
         seconds = applied.last - commits[0]
         done = commits[-1]
@@ -478,8 +490,9 @@ def pipeline_throughput(
             seconds=seconds,
             writer_rate=total / (commits[-1] - started),
             applied_when_writer_done=when_done,
-            cpu_cores=(cpu + child_cpu) / wall,
+            cpu_cores=(cpu + child_cpu + mapping_cpu) / wall,
             capture_cores=child_cpu / wall,
+            mapping_cores=mapping_cpu / wall,
             endpoints=store.count_endpoints(app_id),
             endpoints_expected=live_users(total),
             dead=stats.dead,
@@ -521,6 +534,14 @@ class Ceilings:
     engine_done: int
     """Events the engine ceiling got through within the budget."""
     apply_done: int
+    engine_batch: float = 0.0
+    """(b) with every write through ``WriteBatch`` (``SqlStore.plain_writes = False``): the
+    engine before captured changes were written as rows."""
+    apply_staged: float = 0.0
+    """Records/s ``PartitionedApply`` drains with the mapping process (``apply.stage``), as the
+    pipeline runs it."""
+    mapping: float = 0.0
+    """Records/s the mapping process alone turns into writes (decode, map, msgpack both ways)."""
 
 
 def writer_alone(folder: Path, total: int) -> float:
@@ -573,7 +594,9 @@ def stream_alone(path: Path, events: list[ChangeEvent]) -> float:
         stream.close()
 
 
-def engine_alone(folder: Path, events: list[ChangeEvent], budget: float) -> tuple[float, int]:
+def engine_alone(
+    folder: Path, events: list[ChangeEvent], budget: float, *, plain: bool = True
+) -> tuple[float, int]:
     """The mapped writes through ``write_endpoints``, as the apply worker sends them; (rate, done).
 
     Each batch is mapped just before its write (not timed), so the phone-number cache that the
@@ -581,9 +604,10 @@ def engine_alone(folder: Path, events: list[ChangeEvent], budget: float) -> tupl
     the -wal file is synced every ``SYNC_SECONDS`` of writing (timed), as ``ApplyWorker`` does;
     the garbage collector is tuned as ``Pipeline.start`` tunes it.
     """
-    settings = pipeline_settings(folder / "engine")
+    settings = pipeline_settings(folder / ("engine" if plain else "engine-batch"))
     store, app_id = open_engine(settings)
-    mapper = Mapper(settings.mappings)
+    store.plain_writes = plain
+    mapper = Mapper(mapping_rules(settings.mappings))
     tune_gc()
     try:
         spent, done, synced = 0.0, 0, 0.0
@@ -610,7 +634,12 @@ def apply_alone(folder: Path, stream_path: Path, total: int, budget: float) -> t
     stream = EmbeddedStream(stream_path)
     dlq = SQLiteDeadLetterQueue(settings.dlq_path)
     worker = ApplyWorker(
-        stream, Mapper(settings.mappings), store, app_id, dlq, sync_interval=SYNC_SECONDS
+        stream,
+        Mapper(mapping_rules(settings.mappings)),
+        store,
+        app_id,
+        dlq,
+        sync_interval=SYNC_SECONDS,
     )
     try:
         began = time.perf_counter()
@@ -623,6 +652,45 @@ def apply_alone(folder: Path, stream_path: Path, total: int, budget: float) -> t
         stream.close()
         dlq.close()
         store.close()
+
+
+def staged_apply_alone(
+    folder: Path, stream_path: Path, total: int, budget: float
+) -> tuple[float, float]:
+    """``PartitionedApply`` with the mapping process draining the stream (records/s), and the
+    mapping process alone turning the same records into writes (records/s)."""
+    settings = pipeline_settings(folder / "staged")
+    store, app_id = open_engine(settings)
+    stream = EmbeddedStream(stream_path)
+    dlq = SQLiteDeadLetterQueue(settings.dlq_path)
+    rules = mapping_rules(settings.mappings)
+    stage = MappingStage(rules, store.settings.country.policy)
+    worker = PartitionedApply(
+        stream, Mapper(rules), store, app_id, dlq, consumer="staged", name="bench",
+        sync_interval=SYNC_SECONDS, stage=stage,
+    )  # fmt: skip
+    try:
+        stage.submit([])  # the child has started and imported what it needs
+        stage.result()
+        tune_gc()
+        began = time.perf_counter()
+        while worker.stats.records < total and time.perf_counter() - began < budget:
+            worker.step(BATCH_SIZE, wait=1.0)
+        worker.stop()
+        staged = worker.stats.records / (time.perf_counter() - began)
+        records = stream.read("mapping-alone", total, 0.0)
+        began = time.perf_counter()
+        for i in range(0, len(records), BATCH_SIZE):
+            stage.submit(records[i : i + BATCH_SIZE])
+            stage.result()
+        mapping = len(records) / (time.perf_counter() - began)
+        return staged, mapping
+    finally:
+        stage.close()
+        stream.close()
+        dlq.close()
+        store.close()
+        gc.unfreeze()
 
 
 def partial(done: int, total: int) -> str:
@@ -645,15 +713,25 @@ def ceilings(root: Path, total: int, budget: float) -> Ceilings:
         f"{partial(engine_done, total)}",
         flush=True,
     )
+    engine_batch, batch_done = engine_alone(folder, events, budget, plain=False)
+    print(
+        f"      the same through WriteBatch only    {engine_batch:>10,.0f} events/s"
+        f"{partial(batch_done, total)}",
+        flush=True,
+    )
     apply, apply_done = apply_alone(folder, folder / "stream.db", total, budget)
     print(
         f"      ApplyWorker alone, draining stream  {apply:>10,.0f} records/s"
         f"{partial(apply_done, total)}",
         flush=True,
     )
+    staged, mapping = staged_apply_alone(folder, folder / "stream.db", total, budget)
+    print(f"      apply + mapping process, draining   {staged:>10,.0f} records/s")
+    print(f"      mapping process alone               {mapping:>10,.0f} records/s", flush=True)
     return Ceilings(
-        writer, writer_captured, capture, stream, engine, apply, engine_done, apply_done
-    )
+        writer, writer_captured, capture, stream, engine, apply, engine_done, apply_done,
+        engine_batch, staged, mapping,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,7 +781,7 @@ def stage_costs(root: Path, total: int) -> dict[str, float]:
         runs.setdefault(name, []).append(time.thread_time() - began)
         return result
 
-    rule_mapper = Mapper((SAMPLE_RULE,))
+    rule_mapper = Mapper(mapping_rules((SAMPLE_RULE,)))
     for n in range(3):
         data: Any = timed("dms.encode", lambda: [dms.encode(e) for e in events])
         decoded: Any = timed("dms.decode", lambda d=data: [dms.decode(x) for x in d])
@@ -728,7 +806,7 @@ def stage_costs(root: Path, total: int) -> dict[str, float]:
         timed("stream read + ack", read)
         dlq = SQLiteDeadLetterQueue(folder / f"dlq{n}.db")
         store: Any = NoEngine()
-        worker = ApplyWorker(stream, Mapper((SAMPLE_RULE,)), store, "bench", dlq)
+        worker = ApplyWorker(stream, Mapper(mapping_rules((SAMPLE_RULE,))), store, "bench", dlq)
 
         def drain(worker: ApplyWorker = worker) -> None:
             while worker.stats.records < len(events):
@@ -870,6 +948,26 @@ def summary(
             f"{throughput.rate / named[slowest]:.2f}",
         )
     ]
+    rows.append(
+        Row(
+            "engine alone (b)",
+            f"{limits.engine:,.0f} writes/s",
+            f">= {ENGINE_TARGET:,.0f}/s",
+            "pass" if limits.engine >= ENGINE_TARGET else "MISS",
+            f"WriteBatch only {limits.engine_batch:,.0f}/s",
+            f"{limits.engine / limits.engine_batch:.2f}" if limits.engine_batch else "-",
+        )
+    )
+    rows.append(
+        Row(
+            "pipeline cores",
+            f"{throughput.cpu_cores:.2f}",
+            f">= {CORES_TARGET:.1f}",
+            "pass" if throughput.cpu_cores >= CORES_TARGET else "MISS",
+            "-",
+            "-",
+        )
+    )
     for label, p, target in (
         ("p50", 50.0, P50_TARGET_MS),
         ("p95", 95.0, None),
@@ -969,7 +1067,7 @@ def main() -> None:
             f"finished: {throughput.applied_when_writer_done:,} "
             f"({100 * throughput.applied_when_writer_done / total:.0f}%)\n"
             f"  pipeline CPU: {throughput.cpu_cores:.2f} cores (capture process "
-            f"{throughput.capture_cores:.2f})\n"
+            f"{throughput.capture_cores:.2f}, mapping process {throughput.mapping_cores:.2f})\n"
             f"  check: {check}, {throughput.dead} dead letters, {throughput.stale} stale writes",
             flush=True,
         )

@@ -25,7 +25,6 @@ Figures, each with its baseline measured in the same run:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
@@ -43,6 +42,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psycopg2
 import psycopg2.extras
 
@@ -51,11 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve
 from postgres_server import PostgresServer, running_server
 
 from optsync.apply.dlq import SQLiteDeadLetterQueue
-from optsync.apply.mapping import Mapper, MappingRule
+from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules, store_settings
 from optsync.capture.postgres import pgoutput as pgoutput
 from optsync.capture.postgres.source import PostgresSource
-from optsync.config import SourceSettings, load_settings
+from optsync.config import MappingSettings, SourceSettings, load_settings
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent
 from optsync.formats import dms
@@ -64,7 +65,10 @@ from optsync.runtime import tune_gc
 from optsync.stream.base import Checkpoint, StreamRecord
 from optsync.stream.embedded import EmbeddedStream
 
-RULE = MappingRule(table="optin_status", address="phone", user_id="userid", opt_in="optin")
+RULE_SETTINGS = MappingSettings(
+    table="optin_status", address="phone", user_id="userid", opt_in="optin"
+)
+RULE = mapping_rules((RULE_SETTINGS,))[0]
 TABLE_DDL = (
     "CREATE TABLE optin_status (id bigint PRIMARY KEY, userid text NOT NULL, phone text NOT NULL, "
     "optin int NOT NULL, seq bigint, lastupdate timestamptz DEFAULT now())"
@@ -488,16 +492,16 @@ def bench_latency(
 
     # optsync: source -> stream -> apply -> engine, as ``optsync run`` runs it (capture in a
     # child process, apply in a thread of this one).
-    settings = dataclasses.replace(
+    settings = msgspec.structs.replace(
         load_settings(None, env={}),
         data_dir=work / "latency",
         source=SourceSettings(
             url=url, tables=("optin_status",), name="latency", publication="bench"
         ),
-        mappings=(RULE,),
+        mappings=(RULE_SETTINGS,),
         serve_api=False,
     )
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     applied: dict[int, float] = {}
 
     def note(events: Sequence[ChangeEvent]) -> None:

@@ -18,17 +18,28 @@ DLQ                  follows the engine                          DATA_DIR/dlq.db
                                                                  UpdateEndpointsBatch
 ``[[inbound]]``      ``eum-sms``                                 EUM opt-out list poller
 ===================  ==========================================  ===============================
+
+It also makes the engine's and apply's objects out of config's plain values (``store_settings``,
+``mapping_rules``, ``segment_definition``); ``check_settings`` makes them all once, so a rule or a
+segment definition their own modules refuse stops the CLI at start (exit 2, naming the key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
+from optsync.apply.mapping import MappingRule
 from optsync.capture.base import ChangeSource
-from optsync.config import Settings
+from optsync.config import MappingSettings, SegmentSettings, Settings
+from optsync.engine.endpoints import CountryDerivation
+from optsync.engine.models import ChannelType
+from optsync.engine.phone import PhonePolicy
+from optsync.engine.segments import SegmentDefinition, definition_from_wire
+from optsync.engine.sql import StoreSettings
 from optsync.engine.store import EndpointStore
-from optsync.errors import ConfigError
+from optsync.errors import ConfigError, InvalidRequest
 from optsync.extras import requires_extra
 from optsync.sinks.base import Sink
 from optsync.sinks.settings import (
@@ -44,6 +55,10 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DEFAULT_NATS_PARTITIONS",
+    "check_settings",
+    "mapping_rules",
+    "segment_definition",
+    "store_settings",
     "open_dlq",
     "open_inbound",
     "open_sinks",
@@ -55,6 +70,68 @@ __all__ = (
 )
 
 DEFAULT_NATS_PARTITIONS = 8
+
+
+def store_settings(settings: Settings) -> StoreSettings:
+    """The engine store's settings of ``[engine]`` (phone policy, country derivation)."""
+    engine = settings.engine
+    return StoreSettings(
+        country=CountryDerivation(
+            enabled=engine.derive_country, policy=PhonePolicy(engine.phone_policy)
+        )
+    )
+
+
+def mapping_rules(mappings: Sequence[MappingSettings]) -> tuple[MappingRule, ...]:
+    """The apply stage's rules of ``[[mapping]]`` (or the Lambda's ``OPTSYNC_MAPPING``); a rule
+    ``MappingRule`` refuses is a ConfigError naming its table."""
+    rules = []
+    for rule in mappings:
+        given = {
+            key: frozenset(str(v).strip().lower() for v in values)
+            for key, values in (
+                ("opt_in_true", rule.opt_in_true),
+                ("opt_in_false", rule.opt_in_false),
+            )
+            if values is not None
+        }
+        rules.append(
+            MappingRule(
+                table=rule.table,
+                channel=ChannelType(rule.channel),
+                address=rule.address,
+                opt_in=rule.opt_in,
+                user_id=rule.user_id,
+                endpoint_id=rule.endpoint_id,
+                attributes=rule.attributes,
+                user_attributes=rule.user_attributes,
+                effective_date=rule.effective_date,
+                schema=rule.schema,
+                phone_policy=PhonePolicy(rule.phone_policy or PhonePolicy.POSSIBLE.value),
+                default_region=rule.default_region,
+                **given,
+            )
+        )
+    return tuple(rules)
+
+
+def segment_definition(segment: SegmentSettings) -> SegmentDefinition:
+    """The engine's definition of a ``[[segment]]``, checked as the API checks one."""
+    try:
+        return definition_from_wire(dict(segment.definition), require_name=True)
+    except InvalidRequest as exc:
+        raise ConfigError(f"[[segment]] {segment.name!r} definition: {exc}") from None
+
+
+def check_settings(settings: Settings) -> Settings:
+    """``settings``, once every object made of them has been made: what config cannot check
+    itself (a rule's endpoint id template, a segment's dimensions) is refused here, at start.
+    The CLI calls it right after ``load_settings``."""
+    store_settings(settings)
+    mapping_rules(settings.mappings)
+    for segment in settings.segments:
+        segment_definition(segment)
+    return settings
 
 
 def open_source(settings: Settings) -> ChangeSource:
@@ -115,10 +192,10 @@ def open_store(settings: Settings) -> EndpointStore:
             from optsync.engine.postgres import PostgresStore  # noqa: PLC0415
 
         assert settings.engine_url is not None
-        return PostgresStore(settings.engine_url, settings.engine)
+        return PostgresStore(settings.engine_url, store_settings(settings))
     from optsync.engine.sqlite import SQLiteStore  # noqa: PLC0415
 
-    return SQLiteStore(settings.engine_path, settings.engine)
+    return SQLiteStore(settings.engine_path, store_settings(settings))
 
 
 def open_dlq(settings: Settings) -> DeadLetterQueue:

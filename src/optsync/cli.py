@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+import msgspec
 import uvicorn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -31,18 +32,30 @@ from starlette.types import ASGIApp
 
 from optsync.api.app import PinpointApi
 from optsync.api.sigv4 import SignatureVerifier
-from optsync.apply.mapping import Mapper, MappingRule
+from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyStats, ApplyWorker
 from optsync.audit import format_duration
-from optsync.backends import open_dlq, open_source, open_store, open_stream, require_data
+from optsync.backends import (
+    check_settings,
+    mapping_rules,
+    open_dlq,
+    open_source,
+    open_store,
+    open_stream,
+    require_data,
+    segment_definition,
+)
 from optsync.capture.states import NOT_STARTED
 from optsync.cli_consent import register as register_consent_commands
+from optsync.cli_keys import register as register_keys_commands
 from optsync.cli_lambda import register as register_lambda_commands
 from optsync.cli_migrate import register as register_migrate_commands
+from optsync.cli_reconcile import register as register_reconcile_command
 from optsync.cli_replay import register as register_replay_command
 from optsync.config import (
     LOOPBACK_HOSTS,
     ApiSettings,
+    MappingSettings,
     SegmentSettings,
     Settings,
     SourceSettings,
@@ -51,7 +64,7 @@ from optsync.config import (
 from optsync.console import console_context, create_console
 from optsync.credentials import load_or_create_credentials
 from optsync.engine.models import App, ChannelType
-from optsync.engine.segments import definition_from_wire, definition_to_wire
+from optsync.engine.segments import definition_to_wire
 from optsync.engine.store import EndpointStore, Segment
 from optsync.errors import ConfigError, Fatal
 from optsync.extras import has_fast_server
@@ -73,22 +86,19 @@ SAMPLE_SEGMENT = "US-Segment"
 SAMPLE_SEGMENTS = (
     SegmentSettings(
         SAMPLE_SEGMENT,
-        definition_from_wire(
-            {
-                "Name": SAMPLE_SEGMENT,
-                "Dimensions": {
-                    "Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}
-                },
+        {
+            "Name": SAMPLE_SEGMENT,
+            "Dimensions": {
+                "Location": {"Country": {"DimensionType": "INCLUSIVE", "Values": ["US"]}}
             },
-            require_name=True,
-        ),
+        },
     ),
 )
 DATA_DIR_HELP = "Data folder [default: ./optsync-data, or OPTSYNC_DATA_DIR]."
 CONFIG_HELP = "The TOML config file (see examples/)."
-SAMPLE_RULE = MappingRule(
+SAMPLE_RULE = MappingSettings(
     table=SAMPLE_TABLE,
-    channel=ChannelType.SMS,
+    channel=ChannelType.SMS.value,
     address="phone",
     user_id="userid",
     opt_in="optin",
@@ -349,9 +359,10 @@ def _prepare_app(store: EndpointStore, settings: Settings) -> App:
         for segment in _segments_of(store, app.id):
             existing.setdefault(segment.definition.name, segment)
         for wanted in settings.segments:
+            definition = segment_definition(wanted)
             found = existing.get(wanted.name)
             if found is None:
-                created = store.create_segment(app.id, wanted.definition)
+                created = store.create_segment(app.id, definition)
                 # Several apply processes may start at once: the oldest segment of the name
                 # stays, and one that lost the race deletes its own (as ``ensure_app`` does).
                 same = [s for s in _segments_of(store, app.id) if s.definition.name == wanted.name]
@@ -360,8 +371,8 @@ def _prepare_app(store: EndpointStore, settings: Settings) -> App:
                     store.delete_segment(app.id, created.id)
                 else:
                     logger.info("segment created app=%s segment=%s", settings.app, wanted.name)
-            elif definition_to_wire(found.definition) != definition_to_wire(wanted.definition):
-                store.update_segment(app.id, found.id, wanted.definition)
+            elif definition_to_wire(found.definition) != definition_to_wire(definition):
+                store.update_segment(app.id, found.id, definition)
                 logger.info(
                     "segment updated from the config app=%s segment=%s", settings.app, wanted.name
                 )
@@ -384,7 +395,7 @@ def _me() -> str:
 
 
 def _sample_settings(data_dir: Path, host: str, port: int, base: Settings) -> Settings:
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         base,
         data_dir=data_dir,
         api=ApiSettings(host=host, port=port, credentials=base.api.credentials),
@@ -432,8 +443,8 @@ def serve(
     --data-dir names the folder explicitly: then a new, empty engine is created in it. A
     PostgreSQL engine is checked when it is opened.
     """
-    base = load_settings(config_path)
-    settings = dataclasses.replace(
+    base = check_settings(load_settings(config_path))
+    settings = msgspec.structs.replace(
         base,
         data_dir=data_dir or base.data_dir,
         api=ApiSettings(
@@ -550,7 +561,7 @@ def run(
     when it lacks them; nothing is written when they are as configured (a segment whose
     definition differs from the file's gets a new version).
     """
-    settings = load_settings(config_path)
+    settings = check_settings(load_settings(config_path))
     source = settings.source
     if source is None:
         raise ConfigError(f"{config_path}: [source] url is missing: say which database to capture")
@@ -558,9 +569,9 @@ def run(
         raise ConfigError(f"{config_path}: --prefs needs an [api] table: the page is served there")
     if (host or port) and not settings.serve_api:
         raise ConfigError(f"{config_path}: --host/--port need an [api] table: nothing listens")
-    settings = dataclasses.replace(
+    settings = msgspec.structs.replace(
         settings,
-        api=dataclasses.replace(
+        api=msgspec.structs.replace(
             settings.api, host=host or settings.api.host, port=port or settings.api.port
         ),
     )
@@ -606,7 +617,7 @@ def capture(
 
     Needs [source] and [stream]; `optsync apply` processes read what it captures.
     """
-    settings = load_settings(config_path)
+    settings = check_settings(load_settings(config_path))
     if settings.source is None:
         raise ConfigError(
             f"{config_path}: [source] url is missing: the capture stage reads that database"
@@ -636,7 +647,7 @@ def capture(
         click.echo(f"{source.name}: the next start takes a new snapshot")
     source.close()
     _run_pipeline(
-        dataclasses.replace(settings, serve_api=False),
+        msgspec.structs.replace(settings, serve_api=False),
         None,
         None,
         [f"Capturing {settings.source.redacted_url} into {_stream_text(settings)}"],
@@ -660,7 +671,7 @@ def apply(config_path: Path) -> None:
     Needs [stream], [engine] and [[mapping]]. Start several against one NATS stream: they share
     its partitions, and take over those of one that stops.
     """
-    settings = load_settings(config_path)
+    settings = check_settings(load_settings(config_path))
     if not settings.mappings:
         raise ConfigError(
             f"{config_path}: no [[mapping]] section: the apply stage needs the rules that turn "
@@ -670,7 +681,7 @@ def apply(config_path: Path) -> None:
     try:
         _prepare_app(store, settings)
         _run_pipeline(
-            dataclasses.replace(settings, serve_api=False),
+            msgspec.structs.replace(settings, serve_api=False),
             store,
             None,
             [
@@ -685,8 +696,8 @@ def apply(config_path: Path) -> None:
 
 def _settings_for(config_path: Path | None, data_dir: Path | None) -> Settings:
     if config_path is not None:
-        settings = load_settings(config_path)
-        return dataclasses.replace(settings, data_dir=data_dir) if data_dir else settings
+        settings = check_settings(load_settings(config_path))
+        return msgspec.structs.replace(settings, data_dir=data_dir) if data_dir else settings
     base = load_settings(None)
     return _sample_settings(data_dir or base.data_dir, base.api.host, base.api.port, base)
 
@@ -786,7 +797,7 @@ def dlq_replay(config_path: Path | None, data_dir: Path | None, ids: tuple[int, 
     queue = open_dlq(settings)
     try:
         app = ensure_app(store, settings.app)
-        worker = ApplyWorker(stream, Mapper(settings.mappings), store, app.id, queue)
+        worker = ApplyWorker(stream, Mapper(mapping_rules(settings.mappings)), store, app.id, queue)
         replayed, failed = worker.replay_dead_letters(list(ids) or None)
     finally:
         queue.close()
@@ -871,6 +882,8 @@ def demo(keep: bool) -> None:
 register_consent_commands(cli, _settings_for)
 register_replay_command(cli, _settings_for)
 register_migrate_commands(cli, _settings_for)
+register_reconcile_command(cli, _settings_for)
+register_keys_commands(cli, _settings_for)
 register_lambda_commands(cli)
 
 

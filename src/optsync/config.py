@@ -2,14 +2,29 @@
 
 Every error names the key and the fix; the CLI prints it in one line and exits with code 2.
 A key or section that no version of optsync knows is refused the same way (a misspelt key would
-otherwise fall back to a default without a word).
+otherwise fall back to a default without a word): the file is decoded into msgspec Structs with
+``forbid_unknown_fields``, and msgspec's errors are translated here into the key's own name
+(``[stream] has unknown key 'partition'``, ``[[mapping]] #2 needs opt_in``).
+
+Defaults live in one place: the field defaults of the settings Structs below. ``[source]``,
+``[stream]`` and ``[[mapping]]`` are decoded straight into theirs; the tables written otherwise
+than they are kept (``[api] listen`` is host and port, ``[engine]`` is spread over ``Settings``)
+leave a key ``None`` when it is not given, and only given keys reach the settings Structs.
 
 Environment overrides: ``OPTSYNC_DATA_DIR``, ``OPTSYNC_API_LISTEN`` (host:port),
 ``OPTSYNC_API_CREDENTIALS`` (KEYID:SECRET[,KEYID:SECRET]), ``OPTSYNC_CONSOLE_SECRET``,
 ``OPTSYNC_SOURCE_URL``, ``OPTSYNC_STREAM_URL``, ``OPTSYNC_ENGINE_URL``.
 
-Which backends the URLs select is decided in ``optsync.backends`` (the composition root); this
-module only checks that each URL has a known scheme.
+What this module may import (issue 16): only leaf modules (``errors``, ``redaction``,
+``credentials``, the ``ChannelType`` enum of ``engine.models``, and ``sinks.settings``, pure
+parsing of the same kind). Settings hold config's own plain values: a mapping rule's columns, a
+segment's Pinpoint JSON, the phone policy's name. The engine's and apply's objects built from
+them (``StoreSettings``, ``MappingRule``, ``SegmentDefinition``) are made in
+``optsync.backends`` (the composition root), and ``backends.check_settings`` makes them all once
+so that a rule or a segment definition their own modules refuse is still a one-line
+``ConfigError`` naming the key at start: the CLI runs it right after ``load_settings``. Which
+backends the URLs select is decided there too; this module only checks that each URL has a
+known scheme.
 """
 
 from __future__ import annotations
@@ -18,19 +33,15 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
-from optsync.apply.mapping import MappingRule
+import msgspec
+
 from optsync.credentials import parse_credentials
-from optsync.engine.endpoints import CountryDerivation
 from optsync.engine.models import ChannelType
-from optsync.engine.phone import PhonePolicy
-from optsync.engine.segments import SegmentDefinition, definition_from_wire
-from optsync.engine.sql import StoreSettings
-from optsync.errors import ConfigError, InvalidRequest
+from optsync.errors import ConfigError
 from optsync.redaction import redact_url
 from optsync.sinks.settings import (
     AuditSettings,
@@ -42,7 +53,10 @@ from optsync.sinks.settings import (
 )
 
 __all__ = (
+    "PHONE_POLICIES",
     "ApiSettings",
+    "EngineSettings",
+    "MappingSettings",
     "SegmentSettings",
     "Settings",
     "SourceSettings",
@@ -53,26 +67,30 @@ __all__ = (
 )
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+PHONE_POLICIES: Final = ("possible", "valid")
+"""The values of ``optsync.engine.phone.PhonePolicy`` (a test keeps the two alike)."""
+PhonePolicyName = Literal["possible", "valid"]
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     """Address to listen on."""
     port: int = 8080
     """TCP port to listen on."""
-    credentials: Mapping[str, str] = field(default_factory=dict)
+    credentials: Mapping[str, str] = {}
     """Access key id -> secret; requests must be SigV4-signed with one of them."""
     console_secret: str | None = None
     """Signs console sessions; set it alike on every API server behind one address, so a
     session works against any of them [default: DATA_DIR/console-secret, made once]."""
 
 
-@dataclass(frozen=True)
-class SourceSettings:
-    url: str
-    """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``."""
-    tables: tuple[str, ...]
+class SourceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[source]``: decoded from the file as it is (its keys are its fields)."""
+
+    url: str = ""
+    """``sqlite:///relative/path.db``, ``mysql://…``, ``mariadb://…``, ``postgresql://…``
+    (empty only in a file whose URL comes from OPTSYNC_SOURCE_URL)."""
+    tables: tuple[str, ...] = ()
     """The captured tables."""
     name: str | None = None
     """Name the stream keeps this source's checkpoint under [default: the database kind]."""
@@ -113,21 +131,48 @@ def _sqlite_path(url: str, key: str) -> Path:
     return Path(url.split(":///", 1)[1])
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
+class MappingSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A ``[[mapping]]`` rule as the file says it; ``optsync.backends.mapping_rules`` makes the
+    apply stage's ``MappingRule`` of it (whose checks run at start, see the module notes)."""
+
+    table: str
+    channel: str = "SMS"
+    """A channel type; upper case once loaded."""
+    address: str
+    """Column holding the address (phone number, e-mail address, token)."""
+    opt_in: str
+    """Column holding the opt-in flag."""
+    user_id: str | None = None
+    endpoint_id: str | None = None
+    """``str.format`` template over column names [default: ``{user_id}_{address}``]."""
+    opt_in_true: tuple[str | int | float | bool, ...] | None = None
+    """Values of ``opt_in`` that mean opted in [default: the mapping's own list]."""
+    opt_in_false: tuple[str | int | float | bool, ...] | None = None
+    attributes: tuple[str, ...] = ()
+    user_attributes: tuple[str, ...] = ()
+    effective_date: str | None = None
+    schema: str | None = None
+    phone_policy: PhonePolicyName | None = None
+    """``possible`` or ``valid`` [default: ``[engine] phone_policy``; set once loaded]."""
+    default_region: str | None = None
+
+
+class SegmentSettings(msgspec.Struct, frozen=True):
     """A ``[[segment]]`` of the config: made in the pipeline's app at start if missing."""
 
     name: str
-    definition: SegmentDefinition
-    """Pinpoint's WriteSegmentRequest (``Dimensions`` or ``SegmentGroups``), validated."""
+    definition: Mapping[str, Any]
+    """Pinpoint's WriteSegmentRequest (``Dimensions`` or ``SegmentGroups``, ``Name`` = name);
+    ``optsync.backends.segment_definition`` reads it with the API's own checks."""
 
 
 STREAM_SCHEMES = ("embedded", "nats", "kinesis")
 ENGINE_SCHEMES = ("sqlite", "postgresql", "postgres")
 
 
-@dataclass(frozen=True)
-class StreamSettings:
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[stream]``: decoded from the file as it is (its keys are its fields)."""
+
     url: str = "embedded"
     """``embedded`` (DATA_DIR/stream.db), ``nats://HOST:PORT`` (NATS JetStream) or
     ``kinesis://STREAM`` (an Amazon Kinesis data stream, e.g. the one a DMS task writes to)."""
@@ -157,12 +202,22 @@ class StreamSettings:
         return redact_url(self.url)
 
 
-@dataclass(frozen=True)
-class Settings:
+class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """How the engine treats what it stores; ``optsync.backends.store_settings`` makes the
+    store's ``StoreSettings`` of it."""
+
+    phone_policy: PhonePolicyName = "possible"
+    """Which phone numbers the engine accepts: ``possible`` (length and prefix) or ``valid``
+    (a number assigned in its country's plan)."""
+    derive_country: bool = True
+    """Fill an SMS/VOICE endpoint's Location.Country from its number when not given."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path("optsync-data")
     """Folder for the embedded engine, stream, DLQ and generated credentials."""
-    api: ApiSettings = field(default_factory=ApiSettings)
-    engine: StoreSettings = field(default_factory=StoreSettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     engine_url: str | None = None
     """``sqlite:///PATH`` or ``postgresql://USER:PASSWORD@HOST:PORT/DB`` [default: sqlite in
     DATA_DIR/engine.db]. The dead-letter queue lives in the same database when it is
@@ -170,8 +225,8 @@ class Settings:
     app: str = "optin-demo"
     """The engine app the mapping writes into; created if missing."""
     source: SourceSettings | None = None
-    stream: StreamSettings = field(default_factory=StreamSettings)
-    mappings: tuple[MappingRule, ...] = ()
+    stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    mappings: tuple[MappingSettings, ...] = ()
     channels: tuple[ChannelType, ...] = ()
     """Channels enabled in the app at start (``[engine] channels``)."""
     segments: tuple[SegmentSettings, ...] = ()
@@ -182,7 +237,7 @@ class Settings:
     """Where every consent change is delivered (``[[sink]]``)."""
     inbound: tuple[EumInboundSettings, ...] = ()
     """Where end users' own opt-outs are read from (``[[inbound]]``)."""
-    audit: AuditSettings = field(default_factory=AuditSettings)
+    audit: AuditSettings = msgspec.field(default_factory=AuditSettings)
 
     @property
     def engine_path(self) -> Path:
@@ -212,6 +267,70 @@ class Settings:
         return self.data_dir / "dlq.db"
 
 
+# -- the file as written: None is "not given" ---------------------------------------------------
+
+
+class _ApiTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    listen: str | None = None
+    credentials: str | None = None
+    console_secret: str | None = None
+
+
+class _EngineTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    url: str | None = None
+    store: str | None = None
+    app: str | None = None
+    phone_policy: str | None = None
+    derive_country: bool | None = None
+    channels: Any = None
+    """Checked by ``_channels`` (its message shows the form to write)."""
+
+
+class _SegmentTable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: Any = None
+    definition: Any = None
+    country: Any = None
+
+
+class _File(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str | None = None
+    source: SourceSettings | None = None
+    stream: StreamSettings | None = None
+    engine: _EngineTable | None = None
+    api: _ApiTable | None = None
+    mapping: tuple[MappingSettings, ...] = ()
+    segment: tuple[_SegmentTable, ...] = ()
+    sink: Any = None
+    """``[[sink]]``, ``[[inbound]]`` and ``[audit]``: read by ``optsync.sinks.settings``."""
+    inbound: Any = None
+    audit: Any = None
+
+
+_TABLES: Final[Mapping[str, type[msgspec.Struct]]] = {
+    "api": _ApiTable,
+    "engine": _EngineTable,
+    "source": SourceSettings,
+    "stream": StreamSettings,
+    "mapping": MappingSettings,
+    "segment": _SegmentTable,
+}
+_TOP_KEYS: Final = _File.__struct_fields__
+_API_KEYS: Final = _ApiTable.__struct_fields__
+_ENGINE_KEYS: Final = _EngineTable.__struct_fields__
+_STREAM_KEYS: Final = StreamSettings.__struct_fields__
+_SOURCE_KEYS: Final = SourceSettings.__struct_fields__
+_MAPPING_KEYS: Final = MappingSettings.__struct_fields__
+_SEGMENT_KEYS: Final = _SegmentTable.__struct_fields__
+"""Every key each table knows (the example config names them all, a test checks)."""
+_ARRAYS: Final = ("mapping", "segment", "sink", "inbound")
+"""Sections written as arrays of tables (``[[mapping]]``)."""
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    """Keyword arguments of the values given, so the Struct's own defaults fill the rest."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def parse_listen(value: str, key: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -219,23 +338,9 @@ def parse_listen(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = doc.get(name, {})
-    if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
-    return value
-
-
-def _typed(table: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
-    value = table.get(key)
-    if value is not None and not isinstance(value, kind):
-        shown = "a secret" if key == "credentials" else repr(value)
-        raise ConfigError(f"{where}{key} must be a {kind.__name__}, not {shown}")
-    return value
-
-
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Read the file (if any), apply the environment, validate everything."""
+    """Read the file (if any), apply the environment, validate everything config can check
+    itself (``optsync.backends.check_settings`` does the rest)."""
     env = os.environ if env is None else env
     doc: dict[str, Any] = {}
     if path is not None:
@@ -251,46 +356,37 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    _refuse_unknown(doc, _TOP_KEYS, "")
-    data_dir = Path(
-        env.get("OPTSYNC_DATA_DIR") or _typed(doc, "data_dir", str, "") or "optsync-data"
-    )
-    api = _section(doc, "api")
-    _refuse_unknown(api, _API_KEYS, "[api] ")
-    host, port = parse_listen(
-        env.get("OPTSYNC_API_LISTEN") or _typed(api, "listen", str, "[api] ") or "127.0.0.1:8080",
-        "OPTSYNC_API_LISTEN" if env.get("OPTSYNC_API_LISTEN") else "[api] listen",
-    )
+    file = _decode(doc)
+    api_table = file.api or _ApiTable()
+    listen = env.get("OPTSYNC_API_LISTEN") or api_table.listen
+    api = ApiSettings()
+    if listen is not None:
+        host, port = parse_listen(
+            listen, "OPTSYNC_API_LISTEN" if env.get("OPTSYNC_API_LISTEN") else "[api] listen"
+        )
+        api = ApiSettings(host=host, port=port)
     credentials: dict[str, str] = {}
     if env.get("OPTSYNC_API_CREDENTIALS"):
         credentials = parse_credentials(env["OPTSYNC_API_CREDENTIALS"])
-    elif _typed(api, "credentials", str, "[api] "):
-        credentials = parse_credentials(api["credentials"], source="[api] credentials")
-    console_secret = env.get("OPTSYNC_CONSOLE_SECRET") or _typed(
-        api, "console_secret", str, "[api] "
-    )
+    elif api_table.credentials:
+        credentials = parse_credentials(api_table.credentials, source="[api] credentials")
+    console_secret = env.get("OPTSYNC_CONSOLE_SECRET") or api_table.console_secret
     if console_secret is not None and len(console_secret) < 16:
         raise ConfigError(
             "[api] console_secret (or OPTSYNC_CONSOLE_SECRET) is too short: use at least 16 "
             "random characters, e.g. from `openssl rand -hex 32`"
         )
-    engine = _section(doc, "engine")
-    _refuse_unknown(engine, _ENGINE_KEYS, "[engine] ")
-    policy_text = _typed(engine, "phone_policy", str, "[engine] ") or PhonePolicy.POSSIBLE.value
-    try:
-        policy = PhonePolicy(policy_text)
-    except ValueError:
+    api = msgspec.structs.replace(api, credentials=credentials, console_secret=console_secret)
+    engine_table = file.engine or _EngineTable()
+    if engine_table.phone_policy not in (None, *PHONE_POLICIES):
         raise ConfigError(
-            f"[engine] phone_policy = {policy_text!r}: use 'possible' or 'valid'"
-        ) from None
-    derive = _typed(engine, "derive_country", bool, "[engine] ")
-    engine_url = _engine_url(engine, env)
-    app = _typed(engine, "app", str, "[engine] ") or "optin-demo"
-    channels = _channels(engine)
-    segments = _segments(doc)
-    source = _source(doc, env)
-    stream = _stream(doc, env)
-    mappings = _mappings(doc, policy)
+            f"[engine] phone_policy = {engine_table.phone_policy!r}: use 'possible' or 'valid'"
+        )
+    engine = EngineSettings(
+        **_given(phone_policy=engine_table.phone_policy, derive_country=engine_table.derive_country)
+    )
+    source = _source(file.source, env)
+    mappings = _mappings(file.mapping, engine.phone_policy)
     if source is not None:
         for rule in mappings:
             if rule.table not in source.tables:
@@ -298,21 +394,20 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                     f"[[mapping]] table = {rule.table!r} is not in [source] tables "
                     f"{list(source.tables)}: add it there or fix the name"
                 )
+    data_dir = env.get("OPTSYNC_DATA_DIR") or file.data_dir
     return Settings(
-        data_dir=data_dir,
-        api=ApiSettings(
-            host=host, port=port, credentials=credentials, console_secret=console_secret
+        **_given(
+            data_dir=Path(data_dir) if data_dir else None,
+            engine_url=_engine_url(engine_table, env),
+            app=engine_table.app or None,
         ),
-        engine=StoreSettings(
-            country=CountryDerivation(enabled=True if derive is None else derive, policy=policy)
-        ),
-        engine_url=engine_url,
-        app=app,
+        api=api,
+        engine=engine,
         source=source,
-        stream=stream,
+        stream=_stream(file.stream or StreamSettings(), doc.get("stream") or {}, env),
         mappings=mappings,
-        channels=channels,
-        segments=segments,
+        channels=_channels(engine_table.channels),
+        segments=_segments(file.segment),
         serve_api="api" in doc,
         sinks=parse_sinks(doc, env),
         inbound=parse_inbound(doc),
@@ -320,82 +415,120 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     )
 
 
-_TOP_KEYS = (
-    "data_dir",
-    "source",
-    "stream",
-    "engine",
-    "api",
-    "mapping",
-    "segment",
-    "sink",
-    "inbound",
-    "audit",
-)
-_API_KEYS = ("listen", "credentials", "console_secret")
-_ENGINE_KEYS = ("url", "store", "app", "phone_policy", "derive_country", "channels")
-_STREAM_KEYS = ("url", "name", "partitions", "replicas", "region", "endpoint_url")
+# -- msgspec's errors in the file's own words -----------------------------------------------
+
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+_KINDS: Final = {"object": "table", "array": "list", "null": "nothing"}
 
 
-def _refuse_unknown(table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
-    for key in table:
-        if key not in known:
-            what = "section" if isinstance(table[key], dict | list) and not where else "key"
-            raise ConfigError(
-                f"{where or 'the config file '}has unknown {what} {key!r}: fix the spelling or "
-                "remove it; "
-                f"known: {', '.join(known)}"
+def _decode(doc: Mapping[str, Any]) -> _File:
+    """The TOML document as written; a ConfigError naming the key when it is not."""
+    try:
+        return msgspec.convert(doc, _File)
+    except msgspec.ValidationError as exc:
+        raise _translated(str(exc), doc) from None
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _translated(error: str, doc: Mapping[str, Any]) -> ConfigError:
+    """msgspec's ``Expected `int`, got `bool` - at `$.stream.partitions``` as the file says
+    it: ``[stream] partitions must be an int, not a bool``."""
+    match = _AT.match(error)
+    assert match is not None  # the pattern matches any text
+    message, path = match["message"], match["path"] or ""
+    steps: list[str | int] = [name if name else int(index) for name, index in _STEP.findall(path)]
+    where, key = "", ""
+    table: type[msgspec.Struct] | None = _File
+    section = steps[0] if steps else None
+    if isinstance(section, str):
+        steps = steps[1:]
+        if not steps and not message.startswith("Object"):
+            key = section  # a top-level key (data_dir) or a section of the wrong kind
+        elif section in _ARRAYS and steps and isinstance(steps[0], int):
+            where = f"[[{section}]] #{int(steps.pop(0)) + 1} "
+            table = _TABLES.get(section)
+        else:
+            where = f"[{section}] "
+            table = _TABLES.get(section)
+    if steps:  # the key in the table, with the item's number when it is in a list
+        key = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps).lstrip(".")
+    unknown = re.match(r"Object contains unknown field `(.+)`$", message)
+    if unknown:
+        name = unknown[1]
+        known = ", ".join(table.__struct_fields__) if table is not None else ""
+        value = None if where else doc.get(name)
+        what = "section" if isinstance(value, dict | list) else "key"
+        return ConfigError(
+            f"{where or 'the config file '}has unknown {what} {name!r}: fix the spelling or "
+            f"remove it; known: {known}"
+        )
+    missing = re.match(r"Object missing required field `(.+)`$", message)
+    if missing:
+        return ConfigError(f"{where}needs {missing[1]} (the column or table name)")
+    expected = re.match(r"Expected `(.+?)`, got `(.+?)`$", message)
+    if expected:
+        want = " or ".join(_KINDS.get(k, k) for k in expected[1].split(" | ") if k != "null")
+        got = _KINDS.get(expected[2], expected[2])
+        if not key and where.startswith("[["):
+            return ConfigError(f"{where}must be a table of keys, not {_a(got)}")
+        if not key and where.startswith("["):
+            return ConfigError(f"{where.strip()} must be a table, not {_a(got)}")
+        if key in _ARRAYS and want == "list":
+            return ConfigError(
+                f"[[{key}]] must be an array of tables: write [[{key}]], not [{key}]"
             )
+        if key in _TABLES and want == "table":
+            return ConfigError(f"[{key}] must be a table, not {_a(got)}")
+        return ConfigError(f"{where}{key} must be {_a(want)}, not {_a(got)}")
+    if key == "phone_policy":
+        return ConfigError(f"{where}phone_policy: use 'possible' or 'valid' ({message})")
+    return ConfigError(f"{where}{key}: {message}" if key else f"{where}{message}")
 
 
-def _channels(engine: Mapping[str, Any]) -> tuple[ChannelType, ...]:
-    raw = engine.get("channels", [])
+# -- checks of meaning, section by section ----------------------------------------------------
+
+
+def _channels(raw: Any) -> tuple[ChannelType, ...]:
+    raw = [] if raw is None else raw
     if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
         raise ConfigError('[engine] channels must list channel types, e.g. ["SMS"]')
     channels: list[ChannelType] = []
     for name in raw:
-        try:
-            channel = ChannelType(name.upper())
-        except ValueError:
-            raise ConfigError(
-                f"[engine] channels: {name!r} is no channel type; use "
-                f"{', '.join(c.value for c in ChannelType)}"
-            ) from None
+        channel = _channel(name, f"[engine] channels: {name!r} is no channel type")
         if channel not in channels:
             channels.append(channel)
     return tuple(channels)
 
 
-_SEGMENT_KEYS = ("name", "definition", "country")
+def _channel(name: str, problem: str) -> ChannelType:
+    try:
+        return ChannelType(name.upper())
+    except ValueError:
+        raise ConfigError(f"{problem}; use {', '.join(c.value for c in ChannelType)}") from None
 
 
-def _segments(doc: Mapping[str, Any]) -> tuple[SegmentSettings, ...]:
-    raw = doc.get("segment", [])
-    if not isinstance(raw, list):
-        raise ConfigError(
-            "[[segment]] must be an array of tables: write [[segment]], not [segment]"
-        )
+def _segments(tables: tuple[_SegmentTable, ...]) -> tuple[SegmentSettings, ...]:
     segments: list[SegmentSettings] = []
-    for i, item in enumerate(raw):
-        where = f"[[segment]] #{i + 1} "
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}must be a table of keys (name, definition or country)")
-        _refuse_unknown(item, _SEGMENT_KEYS, where)
-        name = item.get("name")
+    for i, item in enumerate(tables):
+        name = item.name
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f'{where}needs name = "..." (the segment\'s name in the app)')
+            raise ConfigError(
+                f'[[segment]] #{i + 1} needs name = "..." (the segment\'s name in the app)'
+            )
         where = f"[[segment]] {name!r} "
         if any(s.name == name for s in segments):
             raise ConfigError(f"{where}is declared twice: give each segment its own name")
-        if ("definition" in item) == ("country" in item):
+        if (item.definition is None) == (item.country is None):
             raise ConfigError(
                 f'{where}needs either country = "US" or definition = {{Dimensions = ...}} '
                 "(Pinpoint's segment JSON), one of the two"
             )
-        if "country" in item:
-            countries = item["country"]
-            if isinstance(countries, str):
-                countries = [countries]
+        if item.country is not None:
+            countries = [item.country] if isinstance(item.country, str) else item.country
             if (
                 not isinstance(countries, list)
                 or not countries
@@ -410,7 +543,7 @@ def _segments(doc: Mapping[str, Any]) -> tuple[SegmentSettings, ...]:
                 }
             }
         else:
-            wire = item["definition"]
+            wire = item.definition
             if not isinstance(wire, dict):
                 raise ConfigError(
                     f"{where}definition must be a table: Pinpoint's segment JSON, e.g. "
@@ -419,17 +552,13 @@ def _segments(doc: Mapping[str, Any]) -> tuple[SegmentSettings, ...]:
                 )
             if "Name" in wire:
                 raise ConfigError(f"{where}definition has Name: the segment's name is name")
-        try:
-            definition = definition_from_wire({**wire, "Name": name}, require_name=True)
-        except InvalidRequest as exc:
-            raise ConfigError(f"{where}definition: {exc}") from None
-        segments.append(SegmentSettings(name=name, definition=definition))
+        segments.append(SegmentSettings(name=name, definition={**wire, "Name": name}))
     return tuple(segments)
 
 
-def _engine_url(engine: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
-    store = _typed(engine, "store", str, "[engine] ")
-    url = env.get("OPTSYNC_ENGINE_URL") or _typed(engine, "url", str, "[engine] ")
+def _engine_url(engine: _EngineTable, env: Mapping[str, str]) -> str | None:
+    store = engine.store
+    url = env.get("OPTSYNC_ENGINE_URL") or engine.url
     if store is not None and store not in ("sqlite", "postgresql"):
         raise ConfigError(
             f"[engine] store = {store!r}: use 'sqlite' (DATA_DIR/engine.db) or set "
@@ -460,40 +589,27 @@ def _engine_url(engine: Mapping[str, Any], env: Mapping[str, str]) -> str | None
     return url
 
 
-def _stream(doc: Mapping[str, Any], env: Mapping[str, str]) -> StreamSettings:
-    table = _section(doc, "stream")
-    _refuse_unknown(table, _STREAM_KEYS, "[stream] ")
-    url = env.get("OPTSYNC_STREAM_URL") or _typed(table, "url", str, "[stream] ") or "embedded"
-    name = _typed(table, "name", str, "[stream] ") or "optsync"
-    partitions = table.get("partitions")
-    if partitions is not None and (
-        not isinstance(partitions, int)
-        or isinstance(partitions, bool)
-        or not 1 <= partitions <= 1024
-    ):
+def _stream(
+    table: StreamSettings, given: Mapping[str, Any], env: Mapping[str, str]
+) -> StreamSettings:
+    """``[stream]`` with OPTSYNC_STREAM_URL applied, checked; ``given`` is the table as written
+    (which keys it names)."""
+    settings = msgspec.structs.replace(table, url=env.get("OPTSYNC_STREAM_URL") or table.url)
+    url, partitions, replicas = settings.url, settings.partitions, settings.replicas
+    if partitions is not None and not 1 <= partitions <= 1024:
         raise ConfigError(
             f"[stream] partitions = {partitions!r}: use a whole number from 1 to 1024"
         )
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", settings.name):
         raise ConfigError(
-            f"[stream] name = {name!r}: use letters, digits, - and _ (a JetStream stream name)"
+            f"[stream] name = {settings.name!r}: use letters, digits, - and _ (a JetStream "
+            "stream name)"
         )
-    replicas = table.get("replicas", 1)
-    if replicas not in (1, 3, 5) or isinstance(replicas, bool):
+    if replicas not in (1, 3, 5):
         raise ConfigError(f"[stream] replicas = {replicas!r}: use 1, 3 or 5 (JetStream replicas)")
-    region = _typed(table, "region", str, "[stream] ")
-    endpoint_url = _typed(table, "endpoint_url", str, "[stream] ")
-    settings = StreamSettings(
-        url=url,
-        name=name,
-        partitions=partitions,
-        replicas=replicas,
-        region=region,
-        endpoint_url=endpoint_url,
-    )
     if settings.scheme == "kinesis":
-        _check_kinesis(table, settings)
-    elif region is not None or endpoint_url is not None:
+        _check_kinesis(given, settings)
+    elif settings.region is not None or settings.endpoint_url is not None:
         raise ConfigError(
             "[stream] region and endpoint_url are for a Kinesis stream (url = "
             f'"kinesis://STREAM"), not {redact_url(url)!r}: remove them'
@@ -548,40 +664,17 @@ def _check_host_port(url: str, key: str) -> None:
         ) from None
 
 
-_SOURCE_KEYS = {
-    "url": str,
-    "tables": list,
-    "name": str,
-    "server_id": int,
-    "slot": str,
-    "publication": str,
-}
 SOURCE_SCHEMES = ("sqlite", "mysql", "mariadb", "postgresql", "postgres")
 
 
-def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | None:
-    table = _section(doc, "source")
-    for key, value in table.items():
-        kind = _SOURCE_KEYS.get(key)
-        if kind is None:
-            raise ConfigError(f"[source] has unknown key {key!r}; known: {', '.join(_SOURCE_KEYS)}")
-        if not isinstance(value, kind) or isinstance(value, bool):
-            shown = f"a {type(value).__name__}" if key == "url" else repr(value)
-            raise ConfigError(f"[source] {key} must be a {kind.__name__}, not {shown}")
-    url = env.get("OPTSYNC_SOURCE_URL") or table.get("url")
+def _source(table: SourceSettings | None, env: Mapping[str, str]) -> SourceSettings | None:
+    table = table or SourceSettings()
+    url = env.get("OPTSYNC_SOURCE_URL") or table.url
     if not url:
         return None
-    tables = table.get("tables")
-    if not isinstance(tables, list) or not tables or not all(isinstance(t, str) for t in tables):
+    if not table.tables or not all(table.tables):
         raise ConfigError('[source] tables must list the captured tables, e.g. ["optin_status"]')
-    settings = SourceSettings(
-        url=url,
-        tables=tuple(tables),
-        name=table.get("name"),
-        server_id=table.get("server_id"),
-        slot=table.get("slot"),
-        publication=table.get("publication"),
-    )
+    settings = msgspec.structs.replace(table, url=url)
     if settings.scheme not in SOURCE_SCHEMES or (settings.scheme == "sqlite" and ":///" not in url):
         raise ConfigError(
             f"[source] url = {redact_url(url)!r}: use sqlite:///path/app.db, "
@@ -591,83 +684,28 @@ def _source(doc: Mapping[str, Any], env: Mapping[str, str]) -> SourceSettings | 
     return settings
 
 
-_MAPPING_KEYS = {
-    "table": str,
-    "channel": str,
-    "address": str,
-    "user_id": str,
-    "opt_in": str,
-    "endpoint_id": str,
-    "opt_in_true": list,
-    "opt_in_false": list,
-    "attributes": list,
-    "user_attributes": list,
-    "effective_date": str,
-    "schema": str,
-    "phone_policy": str,
-    "default_region": str,
-}
-
-
-def _mappings(doc: Mapping[str, Any], policy: PhonePolicy) -> tuple[MappingRule, ...]:
-    raw = doc.get("mapping", [])
-    if not isinstance(raw, list):
-        raise ConfigError(
-            "[[mapping]] must be an array of tables: write [[mapping]], not [mapping]"
-        )
-    rules = []
-    for i, item in enumerate(raw):
+def _mappings(
+    rules: tuple[MappingSettings, ...], policy: PhonePolicyName
+) -> tuple[MappingSettings, ...]:
+    """The rules with their channel in upper case and their phone policy set."""
+    checked = []
+    for i, rule in enumerate(rules):
         where = f"[[mapping]] #{i + 1} "
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}must be a table of keys (table, address, opt_in, ...)")
-        for key, value in item.items():
-            kind = _MAPPING_KEYS.get(key)
-            if kind is None:
-                raise ConfigError(
-                    f"{where}has unknown key {key!r}; known: {', '.join(_MAPPING_KEYS)}"
-                )
-            if not isinstance(value, kind):
-                raise ConfigError(f"{where}{key} must be a {kind.__name__}, not {value!r}")
         for key in ("table", "address", "opt_in"):
-            if not item.get(key):
+            if not getattr(rule, key):
                 raise ConfigError(f"{where}needs {key} (the column or table name)")
-        try:
-            channel = ChannelType(str(item.get("channel", "SMS")).upper())
-        except ValueError:
-            raise ConfigError(
-                f"{where}channel = {item.get('channel')!r}: use SMS, EMAIL, VOICE, ..."
-            ) from None
-        try:
-            rule_policy = PhonePolicy(item.get("phone_policy", policy.value))
-        except ValueError:
-            raise ConfigError(f"{where}phone_policy: use 'possible' or 'valid'") from None
-        extra: dict[str, Any] = {}
-        for key in ("opt_in_true", "opt_in_false"):
-            if key in item:
-                extra[key] = frozenset(str(v).strip().lower() for v in item[key])
-        rules.append(
-            MappingRule(
-                table=item["table"],
-                channel=channel,
-                address=item["address"],
-                opt_in=item["opt_in"],
-                user_id=item.get("user_id"),
-                endpoint_id=item.get("endpoint_id"),
-                attributes=tuple(str(a) for a in item.get("attributes", ())),
-                user_attributes=tuple(str(a) for a in item.get("user_attributes", ())),
-                effective_date=item.get("effective_date"),
-                schema=item.get("schema"),
-                phone_policy=rule_policy,
-                default_region=item.get("default_region"),
-                **extra,
+        channel = _channel(rule.channel, f"{where}channel = {rule.channel!r} is no channel type")
+        checked.append(
+            msgspec.structs.replace(
+                rule, channel=channel.value, phone_policy=rule.phone_policy or policy
             )
         )
-    return tuple(rules)
+    return tuple(checked)
 
 
 def parse_mappings(
-    raw: object, policy: PhonePolicy = PhonePolicy.POSSIBLE
-) -> tuple[MappingRule, ...]:
+    raw: object, policy: PhonePolicyName = "possible"
+) -> tuple[MappingSettings, ...]:
     """Mapping rules from a list of ``[[mapping]]`` tables given some other way (the Lambda's
     ``OPTSYNC_MAPPING`` JSON), with the same keys and checks as the config file."""
-    return _mappings({"mapping": raw}, policy)
+    return _mappings(_decode({"mapping": raw}).mapping, policy)

@@ -42,7 +42,8 @@ from optsync.apply.columns import check_columns
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingRule
 from optsync.apply.partitioned import PartitionedApply
-from optsync.backends import open_dlq, open_source, open_stream
+from optsync.apply.stage import MappingStage
+from optsync.backends import mapping_rules, open_dlq, open_source, open_stream, store_settings
 from optsync.capture.base import ChangeSource, Progress
 from optsync.config import Settings
 from optsync.engine.models import App
@@ -94,6 +95,8 @@ class Pipeline:
 
     ``store``: the engine (needed by apply only). ``capture_process``: run capture in a child
     process (default: when both stages run here); False keeps it in a thread of this process.
+    ``mapping_process``: decode and map records in a child process while the apply thread
+    writes the engine (``apply.stage``; default: when this machine has two cores or more).
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Pipeline:
         on_applied: Callable[[Sequence[ChangeEvent]], None] | None = None,
         stages: Sequence[str] = ("capture", "apply"),
         capture_process: bool | None = None,
+        mapping_process: bool | None = None,
     ) -> None:
         self.stages = tuple(stages)
         if "apply" in self.stages:
@@ -126,6 +130,8 @@ class Pipeline:
         self.source: ChangeSource | None = None
         self.dlq: DeadLetterQueue | None = None
         self.worker: PartitionedApply | None = None
+        self.stage: MappingStage | None = None
+        """The mapping process (``mapping_process``)."""
         self.consent: ConsentService | None = None
         """Sinks, inbound and write-back (with the apply stage, when any is configured)."""
         try:
@@ -135,15 +141,22 @@ class Pipeline:
                 assert store is not None
                 self.dlq = open_dlq(settings)
                 self.app: App = ensure_app(store, settings.app)
+                rules = mapping_rules(settings.mappings)
+                if mapping_process is None:
+                    mapping_process = (os.cpu_count() or 1) >= 2
+                if mapping_process:
+                    policy = store_settings(settings).country.policy
+                    self.stage = MappingStage(rules, policy)
                 self.worker = PartitionedApply(
                     self.stream,
-                    Mapper(settings.mappings),
+                    Mapper(rules),
                     store,
                     self.app.id,
                     self.dlq,
                     name=_run_worker_name() if "capture" in self.stages else None,
                     on_applied=on_applied,
                     sync_interval=SYNC_SECONDS,
+                    stage=self.stage,
                 )
                 # run/up: the stable name, so a restart after a crash takes the sinks' leases
                 # back at once instead of waiting for them to run out.
@@ -192,6 +205,8 @@ class Pipeline:
         self._close()
 
     def _close(self) -> None:
+        if self.stage is not None:
+            self.stage.close()
         if self.source is not None:
             self.source.close()
         self.stream.close()
@@ -230,7 +245,7 @@ class Pipeline:
             self._stop,
             self.snapshot_done.set,
             self.progress,
-            self.settings.mappings,
+            mapping_rules(self.settings.mappings),
             self._note_waiting,
         )
 
@@ -424,7 +439,7 @@ def _capture_main(settings: Settings, conn: Connection, level: int, *, progress:
             stop,
             lambda: sender.send("log-phase"),
             report,
-            settings.mappings,
+            mapping_rules(settings.mappings),
             lambda reason: sender.send("waiting", reason),
         )
     except ConfigError as exc:  # the parent logs it once, in one line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -1784,3 +1785,126 @@ def test_delete_segment_and_delete_app_remove_members(store: EndpointStore) -> N
     store.delete_app(app_id)
     assert member_rows(store) == 2
     assert store.estimate(other, kept.id) == Estimate(total=0, eligible=0)
+
+
+# plain captured changes (engine/plain_writes.py) against WriteBatch ------------------------------
+
+PLAIN_NUMBERS = [f"+1206555{n:04d}" for n in range(60)]
+
+
+def _source_workload(seed: int) -> list[list[EndpointPatch | EndpointDelete]]:
+    """Captured changes as the mapper makes them: mostly plain (address, OptOut, UserId), some
+    repeated keys in a batch, shared numbers and users, stale and re-delivered positions,
+    deletes and re-creations, and a few writes that need WriteBatch (attributes, no channel
+    for a new endpoint, an INACTIVE status)."""
+    rng = random.Random(seed)
+    batches: list[list[EndpointPatch | EndpointDelete]] = []
+    position = 0
+    for _ in range(30):
+        batch: list[EndpointPatch | EndpointDelete] = []
+        for _ in range(rng.randint(1, 40)):
+            eid = rng.choice(["s", "S"]) + str(rng.randint(0, 25))
+            position += rng.choice([1, 1, 1, 1, 1, -2])
+            where = f"{max(position, 1):08d}"
+            roll = rng.random()
+            if roll < 0.12:
+                batch.append(
+                    EndpointDelete(eid, position=where, source_time="2026-12-01T00:00:00Z")
+                )
+                continue
+            batch.append(
+                EndpointPatch(
+                    id=eid,
+                    channel_type=rng.choice([ChannelType.SMS] * 12 + [None, ChannelType.VOICE]),
+                    address=rng.choice([*PLAIN_NUMBERS, None]) if roll < 0.9 else None,
+                    opt_out=rng.choice([OptOut.ALL, OptOut.NONE, None]),
+                    user_id=rng.choice([None, None, *[f"user{eid[1:]}"] * 12, "shared"]),
+                    attributes={"plan": ("gold",)} if rng.random() < 0.04 else None,
+                    endpoint_status=EndpointStatus.INACTIVE if rng.random() < 0.03 else None,
+                    position=where,
+                    source_time="2026-12-01T00:00:00Z",
+                )
+            )
+        batches.append(batch)
+    return batches
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15, 16])
+def test_plain_source_writes_equal_write_batch_one_at_a_time(
+    make_store: StoreFactory, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from optsync.engine import sql_plain as sql_module
+
+    plain_count = 0
+    share = sql_module.share
+
+    def counting_share(*args: Any) -> Any:
+        nonlocal plain_count
+        sharing = share(*args)
+        plain_count += sum(sharing.plain)
+        return sharing
+
+    monkeypatch.setattr(sql_module, "share", counting_share)
+    batched, reference = make_store(StoreSettings()), make_store(StoreSettings())
+    assert isinstance(reference, SqlStore)
+    reference.plain_writes = False  # every write through WriteBatch, one at a time
+    app_b, app_r = batched.create_app("b").id, reference.create_app("r").id
+    cause = Cause(CauseKind.SOURCE, "")
+    totals = [0, 0, 0]
+    for batch in _source_workload(seed):
+        try:
+            got = batched.write_endpoints(app_b, batch, cause)
+        except InvalidRequest:
+            got = None  # a refused batch: the reference must refuse one of its writes too
+        refused = False
+        for one in batch:
+            try:
+                r = reference.write_endpoints(app_r, [one], cause)
+            except InvalidRequest:
+                refused = True
+                continue
+            if got is not None:
+                totals = [totals[0] + r.applied, totals[1] + r.stale, totals[2] + r.missing]
+        if got is None:
+            assert refused
+            # The reference applied the batch's other writes: apply them to the batched store
+            # one at a time too, so both go on from the same state.
+            for one in batch:
+                with contextlib.suppress(InvalidRequest):
+                    batched.write_endpoints(app_b, [one], cause)
+    written = sum(len(b) for b in _source_workload(seed))
+    assert plain_count > written // 4, "the workload took the plain path too rarely to test it"
+    state_b, state_r = _state(batched, app_b), _state(reference, app_r)
+    assert state_b["endpoints"], "the workload left no endpoint: it tests nothing"
+    assert state_b == state_r
+    assert any(v[3] == "INACTIVE" for v in state_b["endpoints"].values())
+    assert totals[1] > 0, "no stale write: the guard was not exercised"
+    _check_side_rows(batched, app_b)
+
+
+@pytest.mark.parametrize("kind", [CauseKind.SOURCE, CauseKind.API])
+def test_a_nul_character_is_refused_before_any_statement(
+    store: EndpointStore, kind: CauseKind
+) -> None:
+    """PostgreSQL cannot store NUL: a write holding one is an InvalidRequest on every store (a
+    retryable driver error would block the stream partition for good), and nothing changes."""
+    app_id = store.create_app("nul").id
+    cause = Cause(kind, "ref")
+    position = "00000001" if kind is CauseKind.SOURCE else None
+    for bad in (
+        EndpointPatch(id="a\x00b", channel_type=ChannelType.SMS, position=position),
+        EndpointDelete(id="a\x00b", position=position),
+        EndpointPatch(
+            id="ok", channel_type=ChannelType.SMS, address="+1206555\x000", position=position
+        ),
+        EndpointPatch(id="ok", channel_type=ChannelType.SMS, user_id="u\x00", position=position),
+        EndpointPatch(
+            id="ok",
+            channel_type=ChannelType.SMS,
+            attributes={"plan": ("g\x00",)},
+            position=position,
+        ),
+    ):
+        with pytest.raises(InvalidRequest, match="NUL"):
+            store.write_endpoints(app_id, [bad], cause)
+    assert store.count_endpoints(app_id) == 0

@@ -89,6 +89,7 @@ def test_apply_needs_no_source_and_capture_never_opens_the_engine(tmp_path: Path
     finally:
         process.terminate()
         process.wait(20)
+        process.stdout.close()
 
 
 def test_a_wrong_engine_password_is_one_line_naming_the_fix(

@@ -20,6 +20,7 @@ from pinpoint_e2e import clean_env
 from pipeline_e2e import APP_NAME, MAPPING, Layout, Optsync, app_db, run_cli, wait_for
 from ports import free_port
 
+from optsync.backends import store_settings
 from optsync.capture.mysql.position import CaptureState, LogPosition
 from optsync.cli import cli
 from optsync.config import load_settings
@@ -168,7 +169,7 @@ def segment_row(status_stdout: str, name: str) -> tuple[int, int] | None:
 
 def engine_setup(data: Path) -> tuple[dict[ChannelType, tuple[bool, int]], dict[str, int]]:
     """(channel -> (enabled, version), segment name -> how many versions) of the app."""
-    store = SQLiteStore(data / "engine.db", load_settings(None, env={}).engine)
+    store = SQLiteStore(data / "engine.db", store_settings(load_settings(None, env={})))
     try:
         app = store.find_app(APP_NAME)
         assert app is not None
@@ -369,7 +370,7 @@ def test_status_data_dir_shows_the_position_of_any_source(
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    store = SQLiteStore(data / "engine.db", load_settings(None, env={}).engine)
+    store = SQLiteStore(data / "engine.db", store_settings(load_settings(None, env={})))
     store.create_app(APP_NAME)
     store.close()
     stream = EmbeddedStream(data / "stream.db")

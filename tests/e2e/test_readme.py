@@ -63,6 +63,7 @@ def running_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, lis
     finally:
         process.terminate()
         process.wait(20)
+        process.stdout.close()
 
 
 def test_the_quick_start_runs_as_written(

@@ -526,11 +526,15 @@ def test_idle_batches_are_empty_and_come_after_idle_wait(sample: Path) -> None:
             elapsed = time.monotonic() - started
             assert batch.events == ()
             assert batch.state == state
-            assert 0.09 <= elapsed < 0.5
+            # Not before idle_wait; the upper bound only catches a hang (a busy machine is slow).
+            assert 0.09 <= elapsed < 10
 
 
 def test_a_commit_wakes_the_reader_quickly(sample: Path) -> None:
-    with capture(sample, [SAMPLE_TABLE], idle_wait=5.0) as (_, batches):
+    """The commit, not the end of idle_wait, wakes the reader: it returns in well under half
+    of idle_wait. How quickly is a figure for bench/pipeline.py (commit -> applied latency): a
+    bound in milliseconds here failed on a busy 2-core machine."""
+    with capture(sample, [SAMPLE_TABLE], idle_wait=20.0) as (_, batches):
         read_snapshot(batches)
         for delay in (0.01, 0.2):  # while polling every 1 ms, and every 5 ms
             committed: list[float] = []
@@ -549,4 +553,4 @@ def test_a_commit_wakes_the_reader_quickly(sample: Path) -> None:
             finally:
                 writer.join()
             assert len(batch.events) == 1
-            assert woke - committed[0] < 0.05
+            assert woke - committed[0] < 10.0

@@ -8,7 +8,6 @@ boto3's real ``pinpoint-sms-voice-v2`` client over HTTP. The application is play
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +15,12 @@ from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from eum_server import EumServer, eum_server_fixture
 
-from optsync.apply.mapping import MappingRule
-from optsync.config import Settings, SourceSettings, load_settings
+from optsync.backends import store_settings
+from optsync.config import MappingSettings, Settings, SourceSettings, load_settings
 from optsync.engine.models import CauseKind, ChannelType, OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.pipeline import Pipeline
@@ -32,7 +32,7 @@ __all__ = ("eum_server_fixture",)  # registers the fixture ``eum_server``
 
 pytestmark = pytest.mark.integration
 
-RULE = MappingRule(
+RULE = MappingSettings(
     table=SAMPLE_TABLE,
     channel=ChannelType.SMS,
     address="phone",
@@ -88,7 +88,7 @@ def settings_for(
             else None
         ),
     )
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         load_settings(None, env={}),
         data_dir=folder / "data",
         source=SourceSettings(url=f"sqlite:///{folder / 'app.db'}", tables=(SAMPLE_TABLE,)),
@@ -101,7 +101,7 @@ def settings_for(
 
 @contextmanager
 def running(settings: Settings, deferred_retry: float = 0.3) -> Iterator[Pipeline]:
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     try:
         pipeline = Pipeline(settings, store)
         assert pipeline.consent is not None

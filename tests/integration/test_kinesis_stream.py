@@ -20,7 +20,7 @@ from postgres_server import PostgresServer, postgres_fixture
 
 from optsync.apply.mapping import Mapper
 from optsync.apply.partitioned import PartitionedApply
-from optsync.backends import open_dlq, open_store, open_stream
+from optsync.backends import mapping_rules, open_dlq, open_store, open_stream
 from optsync.config import Settings, load_settings
 from optsync.engine.models import OptOut
 from optsync.errors import ConfigError, Fatal, NotFound
@@ -149,7 +149,7 @@ class Applier:
         self.app_id = ensure_app(self.store, settings.app).id
         self.apply = PartitionedApply(
             self.stream,
-            Mapper(settings.mappings),
+            Mapper(mapping_rules(settings.mappings)),
             self.store,
             self.app_id,
             self.dlq,

@@ -8,18 +8,18 @@ e-mail address keeps the SMS write and sends the rest to the DLQ, and a delete r
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from optsync.apply.dlq import SQLiteDeadLetterQueue
-from optsync.apply.mapping import MappingRule
-from optsync.config import Settings, SourceSettings, load_settings
+from optsync.backends import store_settings
+from optsync.config import MappingSettings, Settings, SourceSettings, load_settings
 from optsync.engine.models import ChannelType, OptOut
 from optsync.engine.segments import definition_from_wire
 from optsync.engine.sqlite import SQLiteStore
@@ -27,11 +27,15 @@ from optsync.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
 
-SMS = MappingRule(
-    "users", channel=ChannelType.SMS, address="phone", opt_in="sms_optin", user_id="userid"
+SMS = MappingSettings(
+    table="users", channel=ChannelType.SMS, address="phone", opt_in="sms_optin", user_id="userid"
 )
-EMAIL = MappingRule(
-    "users", channel=ChannelType.EMAIL, address="email", opt_in="email_optin", user_id="userid"
+EMAIL = MappingSettings(
+    table="users",
+    channel=ChannelType.EMAIL,
+    address="email",
+    opt_in="email_optin",
+    user_id="userid",
 )
 TIMEOUT = 20.0
 
@@ -47,14 +51,14 @@ def pipeline(folder: Path) -> Iterator[Pipeline]:
             "CREATE TABLE users (userid TEXT PRIMARY KEY, phone TEXT, sms_optin INTEGER, "
             "email TEXT, email_optin INTEGER)"
         )
-    settings: Settings = dataclasses.replace(
+    settings: Settings = msgspec.structs.replace(
         load_settings(None, env={}),
         data_dir=folder / "data",
         source=SourceSettings(url=f"sqlite:///{source}", tables=("users",)),
         mappings=(SMS, EMAIL),
         serve_api=False,
     )
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     try:
         running = Pipeline(settings, store)
         running.start()

@@ -22,13 +22,15 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from optsync.apply.dlq import SQLiteDeadLetterQueue
-from optsync.apply.mapping import OPT_IN_TRUE, Mapper, MappingError, MappingRule
+from optsync.apply.mapping import OPT_IN_TRUE, Mapper, MappingError
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules, store_settings
 from optsync.capture.sqlite.source import CHANGE_TABLE
-from optsync.config import Settings, SourceSettings, load_settings
+from optsync.config import MappingSettings, Settings, SourceSettings, load_settings
 from optsync.engine.models import CauseKind, ChannelType, Endpoint, OptOut
 from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import Fatal, NotFound
@@ -40,7 +42,7 @@ from optsync.stream.embedded import EmbeddedStream
 
 pytestmark = pytest.mark.integration
 
-RULE = MappingRule(
+RULE = MappingSettings(
     table=SAMPLE_TABLE,
     channel=ChannelType.SMS,
     address="phone",
@@ -66,9 +68,9 @@ def app_db(path: Path) -> Iterator[sqlite3.Connection]:
         yield conn
 
 
-def make_settings(folder: Path, *rules: MappingRule) -> Settings:
+def make_settings(folder: Path, *rules: MappingSettings) -> Settings:
     """Settings like ``optsync up``'s, in ``folder`` (source ``folder/app.db``), without API."""
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         load_settings(None, env={}),
         data_dir=folder / "data",
         source=SourceSettings(url=f"sqlite:///{folder / 'app.db'}", tables=(SAMPLE_TABLE,)),
@@ -82,7 +84,7 @@ def running(
     settings: Settings, *, before_start: Callable[[Pipeline], None] | None = None
 ) -> Iterator[Pipeline]:
     """A started pipeline over a fresh engine store; stopped and closed afterwards."""
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     try:
         pipeline = Pipeline(settings, store)
         try:
@@ -321,15 +323,15 @@ def test_poison_row_goes_to_the_dlq_and_replays_after_a_mapping_fix(
         assert malformed.reason.startswith("malformed record: "), malformed.reason
         assert malformed.data == b"{not json"
 
-    fixed = dataclasses.replace(RULE, opt_in_true=OPT_IN_TRUE | {"7"})
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    fixed = dataclasses.replace(mapping_rules((RULE,))[0], opt_in_true=OPT_IN_TRUE | {"7"})
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     stream = EmbeddedStream(settings.stream_path)
     dlq = SQLiteDeadLetterQueue(settings.dlq_path)
     try:
         found = store.find_app(settings.app)
         assert found is not None
         app_id = found.id
-        unchanged = ApplyWorker(stream, Mapper((RULE,)), store, app_id, dlq)
+        unchanged = ApplyWorker(stream, Mapper(mapping_rules((RULE,))), store, app_id, dlq)
         assert unchanged.replay_dead_letters([letter.id]) == (0, 1)
         assert store.count_endpoints(app_id) == 11
 
@@ -393,7 +395,7 @@ def test_replaying_the_whole_stream_changes_nothing(tmp_path: Path, sample: Path
         head = pipeline.stream.stats().head
 
     # The writes a full replay will make, counted with the same mapping.
-    mapper = Mapper(settings.mappings)
+    mapper = Mapper(mapping_rules(settings.mappings))
     stream = EmbeddedStream(settings.stream_path)
     try:
         records = stream.read("test-replay-count", head + 1)
@@ -529,7 +531,7 @@ def test_capture_runs_in_a_child_process_whose_logs_and_failure_reach_this_one(
         stream.append([], Checkpoint(settings.source.source_name, "not a capture state"))
     finally:
         stream.close()
-    store = SQLiteStore(settings.engine_path, settings.engine)
+    store = SQLiteStore(settings.engine_path, store_settings(settings))
     pipeline = Pipeline(settings, store)
     try:
         assert pipeline.capture_process
@@ -552,23 +554,25 @@ def test_capture_runs_in_a_child_process_whose_logs_and_failure_reach_this_one(
 
 
 KILLED_PIPELINE = """
-import dataclasses, sys, time
+import sys, time
+import msgspec
 from pathlib import Path
 from optsync.sample import SAMPLE_TABLE
 from optsync.cli import SAMPLE_RULE
+from optsync.backends import store_settings
 from optsync.config import SourceSettings, load_settings
 from optsync.engine.sqlite import SQLiteStore
 from optsync.pipeline import Pipeline
 
 folder = Path(sys.argv[1])
-settings = dataclasses.replace(
+settings = msgspec.structs.replace(
     load_settings(None, env={}),
     data_dir=folder / "data",
     source=SourceSettings(url=f"sqlite:///{folder / 'app.db'}", tables=(SAMPLE_TABLE,)),
     mappings=(SAMPLE_RULE,),
     serve_api=False,
 )
-pipeline = Pipeline(settings, SQLiteStore(settings.engine_path, settings.engine))
+pipeline = Pipeline(settings, SQLiteStore(settings.engine_path, store_settings(settings)))
 pipeline.start()
 assert pipeline.snapshot_done.wait(30)
 print(pipeline.capture_pid, flush=True)
@@ -597,6 +601,8 @@ def test_a_killed_pipeline_process_leaves_no_capture_process_behind(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def _state(pid: int) -> str:

@@ -25,6 +25,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -130,6 +131,15 @@ class MariaDBServer:
                 f"mariadb-install-db failed ({install.returncode}): "
                 f"{install.stderr.decode(errors='replace')[-2000:]}"
             )
+        self._launch()
+
+    def restart(self) -> None:
+        """Stop the server (SIGTERM, a clean shutdown) and start it again on the same port and
+        data folder, as after a crash or a maintenance restart (tests/chaos)."""
+        self.stop()
+        self._launch()
+
+    def _launch(self) -> None:
         command = [
             str(MARIADBD),
             "--no-defaults",
@@ -186,7 +196,19 @@ class MariaDBServer:
             process.wait(STOP_TIMEOUT)
 
     def connect(self, database: str | None = None, **options: Any) -> pymysql.Connection[Any]:
-        """A root connection through the socket (autocommit)."""
+        """A root connection through the socket (autocommit).
+
+        The socket is probed first: when its connect fails (no socket file yet, or a server
+        starting, stopped or restarting), pymysql leaves its own socket unclosed (a
+        ResourceWarning that fails whichever test the garbage collector runs in).
+        """
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError as exc:
+                raise pymysql.err.OperationalError(
+                    2002, f"Can't connect to MariaDB through socket {self.socket} ({exc})"
+                ) from None
         return pymysql.connect(
             unix_socket=str(self.socket),
             user="root",

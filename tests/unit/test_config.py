@@ -1,8 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from optsync.config import SourceSettings, load_settings
+from optsync.backends import check_settings, mapping_rules, segment_definition, store_settings
+from optsync.config import PHONE_POLICIES, Settings, SourceSettings, load_settings, parse_mappings
 from optsync.credentials import load_or_create_credentials
 from optsync.engine.models import ChannelType
 from optsync.engine.phone import PhonePolicy
@@ -15,8 +19,10 @@ def test_defaults() -> None:
     assert settings.api.host == "127.0.0.1"
     assert settings.api.port == 8080
     assert settings.data_dir == Path("optsync-data")
-    assert settings.engine.country.enabled
-    assert settings.engine.country.policy is PhonePolicy.POSSIBLE
+    assert settings.engine.derive_country
+    assert settings.engine.phone_policy == "possible"
+    assert store_settings(settings).country.enabled
+    assert store_settings(settings).country.policy is PhonePolicy.POSSIBLE
 
 
 def test_file_and_environment(tmp_path: Path) -> None:
@@ -29,8 +35,8 @@ def test_file_and_environment(tmp_path: Path) -> None:
     assert settings.data_dir == Path("d")
     assert (settings.api.host, settings.api.port) == ("0.0.0.0", 9000)
     assert dict(settings.api.credentials) == {"K1": "s1", "K2": "s2"}
-    assert settings.engine.country.policy is PhonePolicy.VALID
-    assert not settings.engine.country.enabled
+    assert store_settings(settings).country.policy is PhonePolicy.VALID
+    assert not store_settings(settings).country.enabled
     overridden = load_settings(path, env={"OPTSYNC_API_LISTEN": "127.0.0.1:7000"})
     assert overridden.api.port == 7000
 
@@ -216,8 +222,9 @@ def test_segments_and_channels_in_both_forms(tmp_path: Path) -> None:
     assert [s.name for s in settings.segments] == ["US-Segment", "US-long"]
     wanted = definition_from_wire({"Name": "x", "Dimensions": US_DIMENSIONS}, require_name=True)
     for segment in settings.segments:
-        assert segment.definition.name == segment.name
-        assert definition_to_wire(segment.definition) == definition_to_wire(wanted)
+        definition = segment_definition(segment)
+        assert definition.name == segment.name
+        assert definition_to_wire(definition) == definition_to_wire(wanted)
     assert load_settings(None, env={}).segments == ()
 
 
@@ -244,8 +251,126 @@ def test_segments_and_channels_in_both_forms(tmp_path: Path) -> None:
     ],
 )
 def test_segment_and_channel_errors_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
+    """The segment's dimensions are checked by the engine's own reader, in ``check_settings``,
+    which the CLI runs right after ``load_settings``."""
+    path = tmp_path / "optsync.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        check_settings(load_settings(path, env={}))
+    assert fragment in str(info.value)
+
+
+def test_defaults_live_in_the_settings_structs() -> None:
+    """Nothing in the file: every value is the Struct's own field default."""
+    loaded = load_settings(None, env={})
+    assert msgspec.structs.replace(loaded, serve_api=True) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            '[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = "o"\nadress = "x"\n',
+            "#1 has unknown key 'adress'",
+        ),
+        ('[[mapping]]\ntable = "t"\naddress = "p"\n', "[[mapping]] #1 needs opt_in"),
+        ('[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = ""\n', "[[mapping]] #1 needs opt_in"),
+        (
+            '[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = "o"\nchannel = "FAX"\n',
+            "channel = 'FAX'",
+        ),
+        (
+            '[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = "o"\nattributes = "a"\n',
+            "[[mapping]] #1 attributes must be a list",
+        ),
+        (
+            '[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = "o"\nphone_policy = "any"\n',
+            "[[mapping]] #1 phone_policy",
+        ),
+        (
+            '[source]\nurl = "sqlite:///a.db"\ntables = ["t"]\nslots = "s"\n',
+            "[source] has unknown key 'slots'",
+        ),
+        (
+            '[source]\nurl = "sqlite:///a.db"\ntables = ["t"]\nserver_id = "7"\n',
+            "[source] server_id must be an int, not a str",
+        ),
+        ("data_dir = 3\n", "data_dir must be a str, not an int"),
+        ("engine = 3\n", "[engine] must be a table, not an int"),
+        ('[stream]\nurl = "kinesis://s"\nregion = 1\n', "[stream] region must be a str"),
+    ],
+)
+def test_the_structs_errors_name_the_key_and_never_the_value(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
     path = tmp_path / "optsync.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_settings(path, env={})
     assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+    assert "$." not in str(info.value)  # msgspec's paths are translated into the file's words
+
+
+def test_a_rule_the_mapping_refuses_is_refused_at_start(tmp_path: Path) -> None:
+    """config cannot check an endpoint id template (that is the mapping's); check_settings does,
+    so ``optsync run`` still stops at start naming the rule."""
+    path = tmp_path / "optsync.toml"
+    path.write_text(
+        '[[mapping]]\ntable = "t"\naddress = "p"\nopt_in = "o"\nendpoint_id = "{nope"\n'
+    )
+    settings = load_settings(path, env={})
+    with pytest.raises(ConfigError, match=r"\[\[mapping\]\] table = 't'"):
+        check_settings(settings)
+
+
+def test_mapping_rules_keep_what_the_file_says() -> None:
+    (rule,) = mapping_rules(
+        parse_mappings(
+            [
+                {
+                    "table": "t",
+                    "channel": "email",
+                    "address": "mail",
+                    "opt_in": "o",
+                    "opt_in_true": ["Y", 1, True],
+                    "attributes": ["plan"],
+                }
+            ],
+            policy="valid",
+        )
+    )
+    assert rule.channel is ChannelType.EMAIL
+    assert rule.phone_policy is PhonePolicy.VALID  # the engine's policy when the rule has none
+    assert rule.opt_in_true == frozenset({"y", "1", "true"})
+    assert rule.attributes == ("plan",)
+    with pytest.raises(ConfigError, match="#1 has unknown key 'adress'"):
+        parse_mappings([{"table": "t", "adress": "p", "opt_in": "o"}])
+
+
+def test_phone_policies_are_the_engines() -> None:
+    assert tuple(p.value for p in PhonePolicy) == PHONE_POLICIES
+
+
+def test_config_imports_no_engine_api_or_apply_module() -> None:
+    """config holds plain values; the engine's and apply's objects are made in backends."""
+    code = (
+        "import sys, optsync.config\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m.startswith('optsync'))))\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    allowed = {
+        "optsync",
+        "optsync.config",
+        "optsync.credentials",
+        "optsync.engine",  # the package's __init__: a docstring
+        "optsync.engine.models",  # ChannelType
+        "optsync.errors",
+        "optsync.redaction",
+        "optsync.sinks",
+        "optsync.sinks.settings",
+    }
+    assert "optsync.config" in found
+    assert set(found) <= allowed, set(found) - allowed

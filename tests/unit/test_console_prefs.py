@@ -12,9 +12,8 @@ from click.testing import CliRunner
 from test_console import Client
 
 from optsync.api.app import PinpointApi
-from optsync.apply.mapping import MappingRule
 from optsync.cli import cli
-from optsync.config import Settings, SourceSettings
+from optsync.config import MappingSettings, Settings, SourceSettings
 from optsync.engine.models import ChannelType
 from optsync.engine.sqlite import SQLiteStore
 from optsync.errors import ConfigError
@@ -22,7 +21,7 @@ from optsync.prefcenter import create_prefcenter, prefs_context
 from optsync.prefcenter.source import PreferenceStore, source_table
 from optsync.sample import create_sample_database
 
-RULE = MappingRule(
+RULE = MappingSettings(
     table="optin_status",
     channel=ChannelType.SMS,
     address="phone",
@@ -32,7 +31,7 @@ RULE = MappingRule(
 )
 
 
-def settings_for(folder: Path, *rules: MappingRule) -> Settings:
+def settings_for(folder: Path, *rules: MappingSettings) -> Settings:
     return Settings(
         data_dir=folder,
         source=SourceSettings(url=f"sqlite:///{folder / 'app.db'}", tables=("optin_status",)),
@@ -188,7 +187,7 @@ def test_an_email_column_is_shown(folder: Path) -> None:
     conn.close()
     store = PreferenceStore(source_table(settings_for(folder)))
     assert store.other_emails("user1") == ["one@example.com"]
-    email_rule = MappingRule(
+    email_rule = MappingSettings(
         table="optin_status",
         channel=ChannelType.EMAIL,
         address="email",
@@ -203,7 +202,7 @@ def test_an_email_column_is_shown(folder: Path) -> None:
 def test_the_page_needs_a_sqlite_source_and_a_user_id_column(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="SQLite source"):
         source_table(Settings(data_dir=tmp_path, mappings=(RULE,)))
-    anonymous = MappingRule(table="optin_status", address="phone", opt_in="optin")
+    anonymous = MappingSettings(table="optin_status", address="phone", opt_in="optin")
     with pytest.raises(ConfigError, match="user_id column"):
         source_table(settings_for(tmp_path, anonymous))
 

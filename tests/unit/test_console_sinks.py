@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from test_console import CREDENTIALS, CSRF, Client
 
@@ -59,7 +60,7 @@ def store() -> Iterator[SQLiteStore]:
 
 @pytest.fixture
 def settings() -> Settings:
-    return dataclasses.replace(
+    return msgspec.structs.replace(
         load_settings(None, env={}),
         sinks=(
             WebhookSinkSettings(

@@ -13,6 +13,7 @@ import pytest
 from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules
 from optsync.cli import SAMPLE_RULE
 from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, OptOut
 from optsync.engine.sqlite import SQLiteStore
@@ -81,7 +82,9 @@ def worker_for(
 ) -> ApplyWorker:
     stream, store, dlq = parts
     app = store.find_app("a") or store.create_app("a")
-    return ApplyWorker(stream, Mapper([SAMPLE_RULE]), store, app.id, dlq, sync_interval=interval)
+    return ApplyWorker(
+        stream, Mapper(mapping_rules([SAMPLE_RULE])), store, app.id, dlq, sync_interval=interval
+    )
 
 
 def endpoint_ids(store: SQLiteStore, app_id: str) -> Sequence[str]:

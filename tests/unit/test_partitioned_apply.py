@@ -10,6 +10,7 @@ import pytest
 from optsync.apply.dlq import SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.partitioned import PartitionedApply
+from optsync.backends import mapping_rules
 from optsync.cli import SAMPLE_RULE
 from optsync.engine.models import OptOut
 from optsync.engine.sqlite import SQLiteStore
@@ -54,7 +55,7 @@ def worker(
     stream, store, dlq, app_id = parts
     return PartitionedApply(
         stream,
-        Mapper([SAMPLE_RULE]),
+        Mapper(mapping_rules([SAMPLE_RULE])),
         store,
         app_id,
         dlq,
@@ -184,7 +185,9 @@ def test_one_step_writes_every_partitions_records_in_one_transaction() -> None:
     dlq = SQLiteDeadLetterQueue(":memory:")
     try:
         app = store.create_app("a")
-        only = PartitionedApply(stream, Mapper([SAMPLE_RULE]), store, app.id, dlq, name="w")
+        only = PartitionedApply(
+            stream, Mapper(mapping_rules([SAMPLE_RULE])), store, app.id, dlq, name="w"
+        )
         only.step(wait=0.0)  # claims every partition
         stream.append([change(n, 0, n) for n in range(1, 41)])
         assert (

@@ -15,6 +15,7 @@ import pytest
 from optsync.apply.dlq import DeadLetterQueue, SQLiteDeadLetterQueue
 from optsync.apply.mapping import Mapped, Mapper, MappingRule
 from optsync.apply.worker import ApplyWorker
+from optsync.backends import mapping_rules
 from optsync.cli import SAMPLE_RULE
 from optsync.engine.models import ChannelType, OptOut
 from optsync.engine.sqlite import SQLiteStore
@@ -83,7 +84,7 @@ def test_an_epoch_out_of_range_goes_to_the_dlq_and_the_rest_applies(
 ) -> None:
     stream, store, dlq = parts
     app = store.create_app("a")
-    worker = ApplyWorker(stream, Mapper([SAMPLE_RULE]), store, app.id, dlq)
+    worker = ApplyWorker(stream, Mapper(mapping_rules([SAMPLE_RULE])), store, app.id, dlq)
     stream.append([change(1), change(2, lastupdate=lastupdate), change(3)])
 
     assert worker.step(limit=10, wait=0) == 3
@@ -102,7 +103,7 @@ def test_an_unexpected_mapping_failure_goes_to_the_dlq_and_the_rest_applies(
 ) -> None:
     stream, store, dlq = parts
     app = store.create_app("a")
-    worker = ApplyWorker(stream, BrokenOnUser2([SAMPLE_RULE]), store, app.id, dlq)
+    worker = ApplyWorker(stream, BrokenOnUser2(mapping_rules([SAMPLE_RULE])), store, app.id, dlq)
     stream.append([change(1), change(2), change(3)])
 
     assert worker.step(limit=10, wait=0) == 3

@@ -1,10 +1,11 @@
 """The ASGI application: authentication, routing, Pinpoint wire format, access log.
 
 Every ``/v1`` request must carry a valid SigV4 signature (service ``mobiletargeting``) unless the
-server was started with ``--insecure-no-auth``. ``/healthz`` and ``/metrics`` (Prometheus text,
-``optsync.metrics``: counts and timings only) need no signature. Responses are Pinpoint's bare
-payloads with the modelled status code and an ``x-amzn-RequestId`` header; errors use
-Pinpoint's error shapes.
+server was started with ``--insecure-no-auth``; a scoped key (``optsync keys``, read from the
+engine on each request) reaches only its apps (``api.access``). ``/healthz`` and ``/metrics``
+(Prometheus text, ``optsync.metrics``: counts and timings only) need no signature. Responses
+are Pinpoint's bare payloads with the modelled status code and an ``x-amzn-RequestId`` header;
+errors use Pinpoint's error shapes.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from optsync.api import apps, endpoints, opt_outs, phone, segments
+from optsync.api.access import FULL_ACCESS, Access, authorize
 from optsync.api.errors import ApiError, error_reply, from_engine_error
-from optsync.api.routing import Call, Handler, Reply, Router, parse_query
-from optsync.api.sigv4 import SignatureError, SignatureVerifier
+from optsync.api.routing import Call, Handler, Reply, Route, Router, parse_query
+from optsync.api.sigv4 import SignatureError, SignatureErrorCode, SignatureVerifier
+from optsync.engine.api_keys import ApiKey
 from optsync.engine.store import EndpointStore
 from optsync.errors import InvalidRequest, NotFound, Retryable
 from optsync.metrics import CONTENT_TYPE, Metrics
@@ -107,7 +110,6 @@ class PinpointApi:
             headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
             body = await _read_body(receive, headers)
             raw_query = scope.get("query_string", b"").decode("latin-1")
-            key_id = self._authenticate(method, raw_path, raw_query, headers, body)
             call = Call(
                 store=self.store,
                 method=method,
@@ -115,9 +117,13 @@ class PinpointApi:
                 query=parse_query(raw_query) if raw_query else {},
                 body=body,
                 request_id=request_id,
-                context={"key_id": key_id} if key_id else {},
             )
-            reply = await _in_thread(functools.partial(_dispatch, route.handler, call))
+            # In a worker thread with the handler: a scoped key is read from the engine.
+            reply = await _in_thread(
+                functools.partial(
+                    self._authorized_dispatch, route, raw_path, raw_query, headers, call
+                )
+            )
             response = _json_reply(reply.status, reply.payload, request_id)
         except ApiError as exc:
             response = error_reply(exc, request_id)
@@ -142,6 +148,20 @@ class PinpointApi:
             self.metrics.observe_request(f"{method} {template}", response[0], seconds)
         return response
 
+    def _authorized_dispatch(
+        self,
+        route: Route,
+        raw_path: str,
+        raw_query: str,
+        headers: list[tuple[str, str]],
+        call: Call,
+    ) -> Reply:
+        access = self._authenticate(call.method, raw_path, raw_query, headers, call.body)
+        authorize(access, call.method, route.template, dict(call.params))
+        if access.key_id is not None:
+            call.context = {"key_id": access.key_id, "access": access}
+        return _dispatch(route.handler, call)
+
     def _authenticate(
         self,
         method: str,
@@ -149,21 +169,39 @@ class PinpointApi:
         raw_query: str,
         headers: list[tuple[str, str]],
         body: bytes,
-    ) -> str | None:
-        """The access key id that signed the request (None: the API runs without keys)."""
+    ) -> Access:
+        """Who signed the request and what they may do (full access: the API runs without keys
+        or the key is one of the verifier's own)."""
         if self.verifier is None:
-            return None
+            return FULL_ACCESS
+        scoped: list[ApiKey] = []
+
+        def stored_secret(key_id: str) -> str | None:
+            key = self.store.get_api_key(key_id)
+            if key is None:
+                return None
+            if not key.active:
+                raise SignatureError(
+                    SignatureErrorCode.UNRECOGNIZED_CLIENT,
+                    f"The access key id {key_id} was revoked at {key.revoked_at}: sign with "
+                    "another key",
+                )
+            scoped.append(key)
+            return key.secret
+
         try:
-            return self.verifier.verify(
+            key_id = self.verifier.verify(
                 method=method,
                 host=_header(headers, "host") or "",
                 raw_path=raw_path,
                 raw_query=raw_query,
                 headers=headers,
                 body=body,
+                lookup=stored_secret,
             )
         except SignatureError as exc:
             raise ApiError.forbidden(f"{exc.code}: {exc.message}") from None
+        return Access.of(scoped[0]) if scoped else Access(key_id)
 
 
 async def _in_thread(fn: Callable[[], _T]) -> _T:

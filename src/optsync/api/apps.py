@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from optsync.api.access import Access
 from optsync.api.errors import ApiError
 from optsync.api.routing import Call, Reply, Route
 from optsync.api.wire import app_to_wire, channel_to_wire
-from optsync.engine.models import ChannelType
+from optsync.engine.models import App, ChannelType
+from optsync.errors import NotFound
 
 __all__ = ("ROUTES",)
 
@@ -32,11 +34,25 @@ def get_app(call: Call) -> Reply:
 
 def get_apps(call: Call) -> Reply:
     size, token = call.page()
+    access = call.context.get("access")
+    if isinstance(access, Access) and access.app_ids is not None:
+        return Reply(200, {"Item": [app_to_wire(a) for a in _scoped_apps(call, access)]})
     page = call.store.list_apps(size, token)
     out: dict[str, Any] = {"Item": [app_to_wire(a) for a in page.items]}
     if page.next_token:
         out["NextToken"] = page.next_token
     return Reply(200, out)
+
+
+def _scoped_apps(call: Call, access: Access) -> list[App]:
+    """A scoped key's apps that still exist, oldest first: one page (a key has a few apps)."""
+    found: list[App] = []
+    for app_id in access.app_ids or ():
+        try:
+            found.append(call.store.get_app(app_id))
+        except NotFound:
+            continue  # deleted since the key was made
+    return sorted(found, key=lambda a: (a.creation_date, a.id))
 
 
 def delete_app(call: Call) -> Reply:

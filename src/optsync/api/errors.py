@@ -29,6 +29,11 @@ class ApiError(Exception):
         return cls(403, "ForbiddenException", message)
 
     @classmethod
+    def access_denied(cls, message: str) -> ApiError:
+        """A valid signature, but the key may not do this (a scoped or read-only key)."""
+        return cls(403, "AccessDeniedException", message)
+
+    @classmethod
     def not_found(cls, message: str) -> ApiError:
         return cls(404, "NotFoundException", message)
 

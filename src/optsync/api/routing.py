@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, unquote
 
 from optsync.api.errors import ApiError
 from optsync.engine.store import EndpointStore
+from optsync.formats.json_text import LONE_SURROGATE, TOO_DEEP, has_lone_surrogate
 
 __all__ = ("Call", "Reply", "Route", "Router")
 
@@ -46,9 +47,14 @@ class Call:
         if not self.body.strip():
             return {}
         try:
-            return json.loads(self.body)
+            value = json.loads(self.body)
+        except RecursionError:
+            raise ApiError.bad_request(f"The request body {TOO_DEEP}") from None
         except ValueError as exc:
             raise ApiError.bad_request(f"The request body is not valid JSON: {exc}") from None
+        if has_lone_surrogate(value, self.body):
+            raise ApiError.bad_request(f"The request body {LONE_SURROGATE}")
+        return value
 
     def page(self) -> tuple[int, str | None]:
         """``page-size`` and ``token`` query parameters."""

@@ -6,7 +6,9 @@ bytes), so the server computes what the client computed. The signing key (SigV4'
 date, region and service) is derived once per key and day and kept, as clients do.
 
 A session token (``X-Amz-Security-Token``) is accepted without checking it against any STS: the
-access key id and its secret alone authenticate the caller.
+access key id and its secret alone authenticate the caller. A key id the verifier does not hold
+is asked of ``lookup`` (the engine's scoped keys), once per request. The clock may differ from
+the client's by 5 minutes, as AWS allows, so a captured request cannot be replayed later.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 from botocore.auth import SIGNED_HEADERS_BLACKLIST, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.utils import remove_dot_segments
 
 from optsync.credentials import KEY_ID
 
@@ -87,14 +90,15 @@ def _utc_now() -> datetime:
 
 
 class SignatureVerifier:
-    """Check SigV4 signatures against a fixed set of access keys, for any region."""
+    """Check SigV4 signatures against a fixed set of access keys (and ``lookup``), for any
+    region."""
 
     def __init__(
         self,
         keys: Mapping[str, str],
         *,
         service: str = "mobiletargeting",
-        max_skew: timedelta = timedelta(minutes=15),
+        max_skew: timedelta = timedelta(minutes=5),
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """``clock`` must return a timezone-aware datetime."""
@@ -114,13 +118,16 @@ class SignatureVerifier:
         raw_query: str,
         headers: Sequence[tuple[str, str]],
         body: bytes,
+        lookup: Callable[[str], str | None] | None = None,
     ) -> str:
         """Return the access key id that signed the request, or raise ``SignatureError``.
 
         ``raw_path`` and ``raw_query`` are the request target as received, still percent-encoded.
+        ``lookup`` gives the secret of a key id this verifier does not hold (None: unknown); it
+        may raise ``SignatureError`` itself (a revoked key).
         """
         try:
-            key_id = self._verify(method, host, raw_path, raw_query, headers, body)
+            key_id = self._verify(method, host, raw_path, raw_query, headers, body, lookup)
         except SignatureError as exc:
             logger.debug(
                 "sigv4 rejected code=%s method=%s reason=%r", exc.code, method, exc.message
@@ -137,6 +144,7 @@ class SignatureVerifier:
         raw_query: str,
         headers: Sequence[tuple[str, str]],
         body: bytes,
+        lookup: Callable[[str], str | None] | None,
     ) -> str:
         fields: dict[str, list[str]] = {}
         for name, value in headers:
@@ -144,11 +152,13 @@ class SignatureVerifier:
 
         authorization = _parse_authorization(fields.get("authorization", []))
         secret = self._keys.get(authorization.key_id)
+        if secret is None and lookup is not None:
+            secret = lookup(authorization.key_id)
         if secret is None:
             raise SignatureError(
                 SignatureErrorCode.UNRECOGNIZED_CLIENT,
                 f"Unknown access key id {authorization.key_id}: sign with a key configured on "
-                "the server (OPTSYNC_API_CREDENTIALS) or add this key there",
+                "the server (OPTSYNC_API_CREDENTIALS) or one made by `optsync keys create`",
             )
         if authorization.service != self._service:
             raise _invalid(
@@ -374,6 +384,14 @@ def _check_url_round_trip(url: str, host: str, raw_path: str, raw_query: str) ->
             "The request target cannot be verified: the Host header, path or query contains "
             "characters ('#', '?', '/', spaces or control characters) that change how the URL "
             "splits; percent-encode them"
+        )
+    if remove_dot_segments(raw_path) != raw_path:
+        # botocore signs the path with these removed, but the router sees them: the signature
+        # would cover another path than the one served.
+        raise _invalid(
+            "The path holds '.' or '..' segments or an empty one ('//'), which the signature "
+            "does not cover as sent; send the path without them (percent-encode a dot that "
+            "belongs to an id: %2E)"
         )
 
 

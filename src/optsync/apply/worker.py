@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from optsync.apply.dlq import DeadLetterQueue
 from optsync.apply.mapping import Mapper, MappingError
 from optsync.engine.models import (
@@ -32,13 +34,14 @@ from optsync.engine.models import (
     OptOut,
     WriteResult,
 )
+from optsync.engine.phone import PhonePolicy, remember_countries
 from optsync.engine.store import EndpointStore
 from optsync.errors import InvalidRequest
 from optsync.events import ChangeEvent, position_of
 from optsync.formats import dms
 from optsync.stream.base import ChangeStream, StreamRecord
 
-__all__ = ("ApplyStats", "ApplyWorker")
+__all__ = ("ApplyStats", "ApplyWorker", "Prepared", "PreparedBatch", "prepare")
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,82 @@ class ApplyStats:
     last_commit_time: str | None = None
     last_applied_at: float | None = None
     started_at: float = field(default_factory=time.time)
+
+
+class Prepared(msgspec.Struct, array_like=True):
+    """One mapped record: its index in the batch read, its change event and writes.
+
+    ``reason``: set when only part of the record applies (a safe delete) and the rest goes to
+    the DLQ with it.
+    """
+
+    index: int
+    event: ChangeEvent
+    writes: list[Write]
+    reason: str | None = None
+
+
+class PreparedBatch(msgspec.Struct, array_like=True):
+    """What mapping made of a batch of records (``prepare``): the engine's part is left."""
+
+    items: list[Prepared]
+    dead: list[tuple[int, str]]
+    """(index of the record, reason) for records that go to the DLQ whole."""
+    control: int = 0
+    """Control records skipped."""
+    countries: list[tuple[str, str | None]] = msgspec.field(default_factory=list)
+    """(E.164 number, its country under ``policy``) for the SMS and VOICE addresses of the
+    writes, when mapping ran in another process: the engine then looks them up instead of
+    parsing the numbers again (``phone.remember_countries``)."""
+    policy: str = "possible"
+
+
+def prepare(mapper: Mapper, records: Sequence[StreamRecord]) -> PreparedBatch:
+    """Decode and map ``records`` (no I/O): the part of applying that needs no engine, done in
+    the apply thread or in the mapping stage's process (``apply.stage``)."""
+    items: list[Prepared] = []
+    dead: list[tuple[int, str]] = []
+    control = 0
+    for index, record in enumerate(records):
+        outcome = _map(mapper, record)
+        if outcome is None:
+            control += 1
+        elif isinstance(outcome, str):
+            dead.append((index, outcome))
+        else:
+            event, writes, reason = outcome
+            items.append(Prepared(index, event, list(writes), reason))
+    return PreparedBatch(items, dead, control)
+
+
+def _map(
+    mapper: Mapper, record: StreamRecord
+) -> tuple[ChangeEvent, Sequence[Write], str | None] | str | None:
+    """The record's event and writes (and why part of it is dead), a dead-letter reason, or
+    None for a control record."""
+    try:
+        # A real DMS task's record may lack stream-position: the stream offset orders it.
+        event = dms.decode(record.data, fallback_position=position_of(record.offset))
+    except dms.ControlRecord:
+        return None
+    except dms.FormatError as exc:
+        return f"malformed record: {exc}"
+    try:
+        mapped = mapper.map(event)
+    except MappingError as exc:
+        return exc.reason
+    except Exception as exc:  # a value no rule foresaw: keep the record, apply the rest
+        logger.debug("mapping raised offset=%d", record.offset, exc_info=True)
+        return (
+            f"mapping failed unexpectedly ({type(exc).__name__}); the record is kept "
+            "here: report it as a defect, then replay it once fixed"
+        )
+    if mapped.failed:
+        if not mapped.writes:
+            return mapped.failed
+        # The safe part (removing an old endpoint) applies; the rest waits in the DLQ.
+        return event, mapped.writes, mapped.failed
+    return event, mapped.writes, None
 
 
 @dataclass
@@ -135,17 +214,26 @@ class ApplyWorker:
         """Map ``records``, write them to the engine in one transaction and dead-letter the
         ones that fail; acknowledges nothing (the caller does, after ``EndpointStore.sync``
         when ``sync_interval > 0``). The records may come from several partitions."""
-        items: list[_Item] = []
-        dead: list[tuple[int, str, bytes, str]] = []
-        for record in records:
-            outcome = self._map(record)
-            if isinstance(outcome, str):
-                dead.append((record.offset, record.partition_key, record.data, outcome))
-            elif outcome is not None:
-                items.append(outcome)
+        self.commit(records, prepare(self.mapper, records))
+
+    def commit(self, records: Sequence[StreamRecord], prepared: PreparedBatch) -> None:
+        """The engine's part of ``apply``: ``prepared`` is what mapping made of ``records``."""
+        if prepared.countries:
+            remember_countries(prepared.countries, PhonePolicy(prepared.policy))
+        items: list[_Item] = [
+            _Partial(records[p.index], p.event, p.writes, p.reason)
+            if p.reason is not None
+            else _Item(records[p.index], p.event, p.writes)
+            for p in prepared.items
+        ]
+        dead: list[tuple[int, str, bytes, str]] = [
+            (records[i].offset, records[i].partition_key, records[i].data, reason)
+            for i, reason in prepared.dead
+        ]
         dead += self._write(items)
         self.dlq.add(self.consumer, dead)
         self.stats.records += len(records)
+        self.stats.control += prepared.control
         self.stats.dead += len(dead)
         if dead:
             logger.warning(
@@ -172,30 +260,16 @@ class ApplyWorker:
 
     def _map(self, record: StreamRecord) -> _Item | str | None:
         """The record's writes, a dead-letter reason, or None for a control record."""
-        try:
-            # A real DMS task's record may lack stream-position: the stream offset orders it.
-            event = dms.decode(record.data, fallback_position=position_of(record.offset))
-        except dms.ControlRecord:
+        outcome = _map(self.mapper, record)
+        if outcome is None:
             self.stats.control += 1
             return None
-        except dms.FormatError as exc:
-            return f"malformed record: {exc}"
-        try:
-            mapped = self.mapper.map(event)
-        except MappingError as exc:
-            return exc.reason
-        except Exception as exc:  # a value no rule foresaw: keep the record, apply the rest
-            logger.debug("mapping raised offset=%d", record.offset, exc_info=True)
-            return (
-                f"mapping failed unexpectedly ({type(exc).__name__}); the record is kept "
-                "here: report it as a defect, then replay it once fixed"
-            )
-        if mapped.failed:
-            if not mapped.writes:
-                return mapped.failed
-            # The safe part (removing an old endpoint) applies; the rest waits in the DLQ.
-            return _Partial(record, event, mapped.writes, mapped.failed)
-        return _Item(record, event, mapped.writes)
+        if isinstance(outcome, str):
+            return outcome
+        event, writes, reason = outcome
+        if reason is not None:
+            return _Partial(record, event, writes, reason)
+        return _Item(record, event, writes)
 
     def _write(self, items: list[_Item]) -> list[tuple[int, str, bytes, str]]:
         dead = [

@@ -58,6 +58,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from optsync.apply.mapping import Mapper, MappingError, MappingRule
+from optsync.backends import mapping_rules
 from optsync.config import parse_mappings
 from optsync.engine.endpoints import MAX_BATCH_ITEMS, endpoint_key
 from optsync.engine.models import EndpointDelete, EndpointPatch
@@ -177,7 +178,7 @@ def _required(env: Mapping[str, str], name: str, what: str) -> str:
 
 def _rules(text: str) -> tuple[MappingRule, ...]:
     if not text.strip():
-        return parse_mappings(DEFAULT_MAPPING)
+        return mapping_rules(parse_mappings(DEFAULT_MAPPING))
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -194,7 +195,7 @@ def _rules(text: str) -> tuple[MappingRule, ...]:
             "keys (table, address, opt_in, user_id, ...)"
         )
     try:
-        return parse_mappings(raw)
+        return mapping_rules(parse_mappings(raw))
     except ConfigError as exc:
         raise ConfigError(f"{ENV_MAPPING}: {exc}") from None
 

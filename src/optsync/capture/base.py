@@ -70,7 +70,8 @@ class CaptureBatch:
 
     events: Sequence[ChangeEvent]
     state: str
-    """Opaque resume state (JSON text); handed back to ``open`` after a restart."""
+    """Resume state, handed back to ``open`` after a restart: the JSON of the source's own
+    ``position.CaptureState`` (a msgspec Struct tagged ``source``), opaque to everyone else."""
 
 
 def check_arguments(tables: Sequence[str], chunk_size: int, idle_wait: float) -> None:

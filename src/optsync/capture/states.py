@@ -4,14 +4,16 @@
 --data-dir`` does not even know which database it is), so the reader is chosen by the state
 itself: its ``source`` key (written by every source since this release), or, for a state saved
 before it, its shape (MySQL's ``log`` object, PostgreSQL's ``slot``, SQLite's integer
-``log_after``). Each source's ``position`` module parses its own state; none of them imports a
-database driver, so reading a MySQL state needs no MySQL library.
+``log_after``). Each source's ``position`` module parses its own state (a msgspec Struct tagged
+with ``source``); none of them imports a database driver, so reading a MySQL state needs no MySQL
+library.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
+
+import msgspec
 
 from optsync.capture.base import CaptureView
 from optsync.errors import Fatal
@@ -47,8 +49,8 @@ def describe_state(text: str | None) -> CaptureView:
     if not text:
         return NOT_STARTED
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = msgspec.json.decode(text)
+    except msgspec.DecodeError:
         return CaptureView(source="", phase="unknown", position="(not JSON)")
     if not isinstance(data, dict):
         return CaptureView(source="", phase="unknown", position="(not a JSON object)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from optsync.apply.dlq import DeadLetter, DeadLetterQueue
 from optsync.apply.mapping import Mapper
 from optsync.apply.worker import ApplyWorker
-from optsync.backends import open_dlq, open_stream
+from optsync.backends import mapping_rules, open_dlq, open_stream
 from optsync.config import Settings
 from optsync.credentials import load_or_create_credentials
 from optsync.engine.store import EndpointStore
@@ -103,7 +103,8 @@ def console_context(
         queue = open_dlq(settings) if dlq is None else dlq
         try:
             app = ensure_app(store, settings.app)
-            worker = ApplyWorker(own_stream, Mapper(settings.mappings), store, app.id, queue)
+            rules = mapping_rules(settings.mappings)
+            worker = ApplyWorker(own_stream, Mapper(rules), store, app.id, queue)
             return worker.replay_dead_letters(ids)
         finally:
             if dlq is None:

@@ -83,8 +83,46 @@ def _check_map(values: Mapping[str, tuple[str, ...]] | None, field: str, where: 
                 )
 
 
+def has_nul(*texts: str | None) -> bool:
+    """Whether any of ``texts`` holds a NUL character (PostgreSQL text cannot store one)."""
+    return any(t is not None and "\x00" in t for t in texts)
+
+
+def check_nul(patch: EndpointPatch, where: str = "") -> None:
+    """Raise ``InvalidRequest`` naming the field if the patch holds a NUL character."""
+    texts = (patch.id, patch.address, patch.user_id, patch.effective_date, patch.request_id)
+    if not (has_nul(*texts) or patch.attributes or patch.user_attributes or patch.metrics):
+        return  # the usual captured change: five membership tests
+    named = {
+        "Id": patch.id,
+        "Address": patch.address,
+        "User.UserId": patch.user_id,
+        "EffectiveDate": patch.effective_date,
+        "RequestId": patch.request_id,
+    }
+    for field, text in named.items():
+        if has_nul(text):
+            raise InvalidRequest(f"{where}{field} must not contain a NUL character (\\u0000)")
+    for field, values in (
+        ("Attributes", patch.attributes),
+        ("User.UserAttributes", patch.user_attributes),
+    ):
+        for name, items in (values or {}).items():
+            if has_nul(name, *items):
+                raise InvalidRequest(
+                    f"{where}{field}: names and values must not contain a NUL character (\\u0000)"
+                )
+    if any(has_nul(n) for n in patch.metrics or {}):
+        raise InvalidRequest(f"{where}Metrics: names must not contain a NUL character (\\u0000)")
+
+
 def validate_patch(patch: EndpointPatch, where: str = "") -> None:
-    """Raise ``InvalidRequest`` naming the field if the patch breaks one of Pinpoint's limits."""
+    """Raise ``InvalidRequest`` naming the field if the patch breaks one of Pinpoint's limits.
+
+    NUL characters are refused everywhere: PostgreSQL cannot store them, and a write it kept
+    refusing as a retryable error would block its stream partition for good.
+    """
+    check_nul(patch, where)
     if not patch.id.strip():
         raise InvalidRequest(f"{where}Id must not be empty")
     bad = FORBIDDEN_ID_CHARS.intersection(patch.id)

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Generic, TypeVar
 
+import msgspec
+
 __all__ = (
     "PUSH_TOKEN_CHANNELS",
     "App",
@@ -194,13 +196,15 @@ class Endpoint:
         return self.endpoint_status is EndpointStatus.ACTIVE and self.opt_out is OptOut.NONE
 
 
-@dataclass(frozen=True)
-class EndpointPatch:
+class EndpointPatch(msgspec.Struct, frozen=True, tag="patch"):
     """An UpdateEndpoint request: what is given replaces, what is ``None`` stays.
 
     ``attributes``, ``user_attributes`` and ``metrics`` merge by key; each given key replaces
     its whole list. ``position`` (order-preserving text) makes the write conditional: it is
     applied only if newer than the position the endpoint was last written at.
+
+    A msgspec Struct, tagged: apply's mapping stage sends writes between processes as
+    msgpack, and a Struct is built several times faster than a frozen dataclass.
     """
 
     id: str
@@ -224,8 +228,7 @@ class EndpointPatch:
     (without it, an endpoint the person opted out by STOP stays opted out)."""
 
 
-@dataclass(frozen=True)
-class EndpointDelete:
+class EndpointDelete(msgspec.Struct, frozen=True, tag="delete"):
     """Delete one endpoint; with a ``position``, only if no newer write has reached it."""
 
     id: str

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -47,10 +48,7 @@ from phonenumbers import (
     PhoneNumberFormat,
     PhoneNumberType,
     ValidationResult,
-    carrier,
-    geocoder,
 )
-from phonenumbers import timezone as phone_timezone
 
 from optsync.engine.countries import country_name, to_alpha2
 
@@ -233,6 +231,17 @@ def _region_and_validity(number: phonenumbers.PhoneNumber) -> tuple[str | None, 
 _COUNTRY_BY_E164: dict[tuple[str, PhonePolicy], str | None] = {}
 
 
+def remember_countries(found: Sequence[tuple[str, str | None]], policy: PhonePolicy) -> None:
+    """Take (E.164 number, country) pairs another process derived with
+    ``country_for_address(number, policy)``, so this process answers them from memory (apply's
+    mapping stage parses the numbers; the engine, in the apply process, only looks them up)."""
+    if len(_COUNTRY_BY_E164) + len(found) >= _PREFIX_CACHE_LIMIT:
+        _COUNTRY_BY_E164.clear()
+    policy = PhonePolicy(policy)
+    for number, country in found:
+        _COUNTRY_BY_E164[(number, policy)] = country
+
+
 def country_for_address(address: str, policy: PhonePolicy = PhonePolicy.POSSIBLE) -> str | None:
     """Return the alpha-2 country of a phone address, or None if unknown or rejected."""
     key = (address, PhonePolicy(policy))
@@ -271,6 +280,11 @@ def validate_number(phone_number: str, iso_country_code: str | None = None) -> P
             phone_type=PhoneType.INVALID,
             phone_type_code=PhoneType.INVALID.code,
         )
+    # Carrier, geocoder and time-zone data take about 110 MB once imported: only the
+    # PhoneNumberValidate route needs them, so every other process (capture, apply, mapping)
+    # leaves them out.
+    from phonenumbers import carrier  # noqa: PLC0415
+
     phone_type = _NUMBER_TYPES.get(phonenumbers.number_type(number), PhoneType.OTHER)
     iso2 = _region(phonenumbers.region_code_for_number(number))
     country = country_name(iso2) if iso2 is not None else None
@@ -350,6 +364,8 @@ def _calling_code_region(number: PhoneNumber) -> str | None:
 
 
 def _city(number: PhoneNumber, country: str | None) -> str | None:
+    from phonenumbers import geocoder  # noqa: PLC0415 (see validate_number)
+
     description = geocoder.description_for_number(number, "en")
     if not description or description == country:
         return None
@@ -358,6 +374,8 @@ def _city(number: PhoneNumber, country: str | None) -> str | None:
 
 
 def _timezone(number: PhoneNumber) -> str | None:
+    from phonenumbers import timezone as phone_timezone  # noqa: PLC0415 (see validate_number)
+
     zones = phone_timezone.time_zones_for_number(number)
     if not zones or zones[0] == phone_timezone.UNKNOWN_TIMEZONE:
         return None

@@ -34,6 +34,7 @@ import psycopg_pool
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 
+from optsync.engine.plain_writes import NewRow
 from optsync.engine.postgres_database import (
     Migration,
     connect,
@@ -43,6 +44,7 @@ from optsync.engine.postgres_database import (
 )
 from optsync.engine.segments import Dialect
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.engine.sql_keys import keys_schema
 from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
 from optsync.engine.sql_segments import DEFINITION_ROWS, DEFINITION_UPDATE, upgraded_definitions
 from optsync.engine.writes import Row
@@ -278,6 +280,12 @@ MIGRATIONS = (
         (),
         convert=_store_definitions,
     ),
+    # PUBLIC gets no privilege on a new table; the REVOKE says so for anyone reading it here.
+    Migration(
+        5,
+        "scoped API keys (api_keys)",
+        (keys_schema(_TEXT), "REVOKE ALL ON api_keys FROM PUBLIC"),
+    ),
 )
 """The engine's schema versions, oldest first; a new version is appended, never edited."""
 
@@ -435,7 +443,7 @@ class PostgresStore(SqlStore):
     def _next_pk(self, cur: Cursor) -> int:
         return NEW_PK_BASE
 
-    def _number_new_rows(self, cur: Cursor, changed: Sequence[Row]) -> None:
+    def _number_new_rows(self, cur: Cursor, changed: Sequence[Row | NewRow]) -> None:
         """Swap the batch's provisional keys of new endpoints for keys from the sequence.
 
         Keys are handed out in increasing order and the app's writers run one after the other,

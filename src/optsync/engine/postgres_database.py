@@ -120,7 +120,9 @@ def _translate(exc: psycopg.Error, where: str, reason: str) -> OptsyncError:
             + ": a statement optsync got wrong, or a schema changed by hand; report it"
         )  # fmt: skip
     if isinstance(exc, psycopg.OperationalError):
-        if "FATAL" in reason:
+        # 57P03 (starting up, shutting down, in recovery) has no SQLSTATE at connect.
+        moving = "the database system is" in reason
+        if "FATAL" in reason and not moving:
             for marker, fix in _CONNECT_FIXES:
                 if marker in reason:
                     return ConfigError(f"{where}: {reason}: {fix}")

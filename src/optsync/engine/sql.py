@@ -7,7 +7,8 @@ driver wants another paramstyle rewrite them in ``_sql``. A database with severa
 ``_APP_SEQ``, ``_next_pk``/``_number_new_rows`` (primary keys) and ``_translate_error``; and may
 spell value lists (``_chunks``/``_in``) and bulk inserts (``_insert``) its own faster way.
 
-This file holds apps, channels and endpoints (the batched write path and group commit);
+This file holds apps, channels and endpoints (the batched write path and group commit; captured
+changes take the plain path of ``sql_plain.py``, ``SqlPlainWrites``);
 segments and estimates are in ``sql_segments.py`` (``SqlSegments``, which ``SqlStore``
 inherits), and the endpoint row conversions and statements in ``sql_rows.py``.
 """
@@ -18,14 +19,17 @@ import json
 import threading
 import uuid
 from abc import abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from optsync.engine.endpoints import (
     CountryDerivation,
+    check_nul,
     endpoint_key,
+    has_nul,
 )
 from optsync.engine.models import (
     App,
@@ -42,9 +46,12 @@ from optsync.engine.models import (
     WriteResult,
     iso_now,
 )
+from optsync.engine.plain_writes import NewRow
 from optsync.engine.segments import Dialect
 from optsync.engine.sql_bulk import SqlBulkImport
+from optsync.engine.sql_keys import SqlApiKeys
 from optsync.engine.sql_ledger import _CHANGE_COLUMNS, SqlLedger, _row_to_change
+from optsync.engine.sql_plain import SqlPlainWrites
 from optsync.engine.sql_rows import (
     _ATTRIBUTE_COLUMNS,
     _COLUMN_NAMES,
@@ -62,8 +69,8 @@ from optsync.engine.sql_rows import (
 )
 from optsync.engine.sql_segments import SqlSegments
 from optsync.engine.store import EndpointStore
-from optsync.engine.writes import Hold, Row, WriteBatch, peers_to_read
-from optsync.errors import NotFound
+from optsync.engine.writes import Bucket, Hold, Row, WriteBatch, peers_to_read
+from optsync.errors import InvalidRequest, NotFound
 
 __all__ = ("Cursor", "SqlStore", "StoreSettings")
 
@@ -105,10 +112,13 @@ class _Job:
     done: bool = False
 
 
-class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
+class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, SqlApiKeys, SqlPlainWrites, EndpointStore):
     """Engine storage on a SQL database; see the module docstring."""
 
     dialect = Dialect()
+    plain_writes = True
+    """Write plain captured changes as rows (``plain_writes``); False sends every write through
+    ``WriteBatch``, the reference the contract suite compares the plain path with."""
 
     def __init__(self, settings: StoreSettings | None = None) -> None:
         self.settings = settings or StoreSettings()
@@ -399,7 +409,7 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
         row = self._exec(cur, "SELECT COALESCE(MAX(pk), 0) + 1 FROM endpoints").fetchone()
         return int(row[0])
 
-    def _number_new_rows(self, cur: Cursor, changed: Sequence[Row]) -> None:
+    def _number_new_rows(self, cur: Cursor, changed: Sequence[Row | NewRow]) -> None:
         """Hook: give the new rows among ``changed`` their final primary keys, in pk order.
 
         SQLite keeps the numbers ``_next_pk`` started: one writer at a time, so they are free.
@@ -464,11 +474,14 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
         if attributes:
             self._insert(cur, "endpoint_attributes", _ATTRIBUTE_COLUMNS, attributes)
 
-    def _finish_batch(self, cur: Cursor, batch: WriteBatch) -> None:
-        """Write the batch's outcome: endpoints, side rows, tombstones, history, rollup."""
+    def _finish_batch(self, cur: Cursor, batch: WriteBatch, *, numbered: bool = False) -> None:
+        """Write the batch's outcome: endpoints, side rows, tombstones, history, rollup.
+
+        ``numbered``: its new rows have their final keys already (``_finish_plain``)."""
         app_id = batch.app_id
         changed = batch.changed_rows()
-        self._number_new_rows(cur, changed)
+        if not numbered:
+            self._number_new_rows(cur, changed)
         resided = [
             r for r in changed if r.stored is None or _side_of(r.stored) != _side_of(r.endpoint)
         ]
@@ -509,20 +522,7 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
                 self._sql("INSERT INTO attribute_names (app_id, kind, name) VALUES (?, ?, ?)"),
                 [(app_id, k, n) for k, n in batch.new_names],
             )
-        for chunk in self._chunks(sorted(batch.tombs_removed)):
-            test, params = self._in("id_key", chunk)
-            self._exec(
-                cur, f"DELETE FROM tombstones WHERE app_id = ? AND {test}", (app_id, *params)
-            )
-        if batch.tombs_written:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
-                    "ON CONFLICT (app_id, id_key) DO UPDATE SET "
-                    f"position = {self.dialect.greatest}(tombstones.position, excluded.position)"
-                ),
-                [(app_id, k, p) for k, p in sorted(batch.tombs_written.items())],
-            )
+        self._write_tombstones(cur, app_id, batch.tombs_removed, batch.tombs_written)
         if batch.history:
             self._insert(cur, "consent_history", _HISTORY_COLUMNS, batch.history)
         for chunk in self._chunks(sorted(batch.holds_removed)):
@@ -543,7 +543,30 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
                     for k, h in sorted(batch.holds_written.items())
                 ],
             )
-        deltas = [(app_id, *b, n) for b, n in sorted(batch.counts.items()) if n]
+        self._add_counts(cur, app_id, batch.counts)
+        self._written += len(changed)
+
+    def _write_tombstones(
+        self, cur: Cursor, app_id: str, removed: set[str], written: Mapping[str, str]
+    ) -> None:
+        for chunk in self._chunks(sorted(removed)):
+            test, params = self._in("id_key", chunk)
+            self._exec(
+                cur, f"DELETE FROM tombstones WHERE app_id = ? AND {test}", (app_id, *params)
+            )
+        if written:
+            cur.executemany(
+                self._sql(
+                    "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
+                    "ON CONFLICT (app_id, id_key) DO UPDATE SET "
+                    f"position = {self.dialect.greatest}(tombstones.position, excluded.position)"
+                ),
+                [(app_id, k, p) for k, p in sorted(written.items())],
+            )
+
+    def _add_counts(self, cur: Cursor, app_id: str, counts: Mapping[Bucket, int]) -> None:
+        """Move the rollup rows by ``counts``."""
+        deltas = [(app_id, *b, n) for b, n in sorted(counts.items()) if n]
         if deltas:
             cur.executemany(
                 self._sql(
@@ -554,32 +577,38 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, EndpointStore):
                 ),
                 deltas,
             )
-        self._written += len(changed)
 
     def _apply(
         self, batch: WriteBatch, writes: Sequence[EndpointPatch | EndpointDelete], cause: Cause
     ) -> WriteResult:
-        applied = stale = missing = 0
-        for write in writes:
-            why = cause
-            if write.position is not None and cause.kind is CauseKind.SOURCE:
-                why = Cause(CauseKind.SOURCE, write.position)
-            if isinstance(write, EndpointDelete):
-                outcome = batch.delete(write, why)
-                if outcome is False:
-                    stale += 1
-                elif outcome is None:
-                    missing += 1
-                else:
-                    applied += 1
-            elif batch.upsert(write, why):
-                applied += 1
-            else:
-                stale += 1
-        return WriteResult(applied=applied, stale=stale, missing=missing)
+        outcomes = Counter(self._apply_one(batch, write, cause) for write in writes)
+        return WriteResult(
+            applied=outcomes["applied"], stale=outcomes["stale"], missing=outcomes["missing"]
+        )
+
+    @staticmethod
+    def _apply_one(
+        batch: WriteBatch, write: EndpointPatch | EndpointDelete, cause: Cause
+    ) -> Literal["applied", "stale", "missing"]:
+        why = cause
+        if write.position is not None and cause.kind is CauseKind.SOURCE:
+            why = Cause(CauseKind.SOURCE, write.position)
+        if isinstance(write, EndpointDelete):
+            outcome = batch.delete(write, why)
+            if outcome is False:
+                return "stale"
+            return "missing" if outcome is None else "applied"
+        return "applied" if batch.upsert(write, why) else "stale"
 
     def _write_job(self, cur: Cursor, job: _Job) -> WriteResult:
         self._get_app(cur, job.app_id)
+        for write in job.writes:  # before any statement: PostgreSQL refuses NUL in a parameter
+            if isinstance(write, EndpointPatch):
+                check_nul(write)
+            elif has_nul(write.id):
+                raise InvalidRequest("Id must not contain a NUL character (\\u0000)")
+        if job.cause.kind is CauseKind.SOURCE and self.plain_writes:
+            return self._write_source(cur, job.app_id, job.writes, job.cause)
         batch = self._begin_batch(cur, job.app_id, job.writes)
         result = self._apply(batch, job.writes, job.cause)
         self._finish_batch(cur, batch)

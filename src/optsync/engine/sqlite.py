@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from optsync.engine.sql import Cursor, SqlStore, StoreSettings
+from optsync.engine.sql_keys import keys_schema
 from optsync.engine.sql_ledger import LEDGER_HISTORY_COLUMNS, ledger_schema
 from optsync.engine.sql_segments import DEFINITION_ROWS, DEFINITION_UPDATE, upgraded_definitions
 from optsync.sqlite_sync import without_fsync
@@ -24,7 +25,8 @@ SCHEMA_VERSION = 5
 3: the consent ledger (history columns for sinks and audit, end-user opt-outs, sink state);
 4: IMPORT segments (``segment_members``, the import definition columns of ``segments``);
 5: ``segments.definition`` in optsync's stored form (``segments/stored.py``) instead of
-Pinpoint's JSON: every version of every segment converted once, in one transaction, on open."""
+Pinpoint's JSON: every version of every segment converted once, in one transaction, on open.
+(``api_keys``, the scoped API keys, is created by ``IF NOT EXISTS`` in any version.)"""
 
 SEGMENT_IMPORT_COLUMNS = (
     "import_format TEXT",
@@ -239,6 +241,7 @@ class SQLiteStore(SqlStore):
         rebuild = self._migrate()
         self._conn.executescript(
             SCHEMA.replace("{LEDGER}", ledger_schema("TEXT", "INTEGER PRIMARY KEY"))
+            + keys_schema("TEXT")
         )
         self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._fill_rollup()
@@ -315,6 +318,17 @@ class SQLiteStore(SqlStore):
                 yield
             finally:
                 self._conn.execute("PRAGMA cache_size = -65536")  # as __init__ sets it
+
+    def _protect_keys(self) -> None:
+        # The file now holds API secrets: readable by this user only (-wal and -shm too, which
+        # SQLite creates with the database file's mode anyway).
+        if self.path == ":memory:":
+            return
+        for path in (self.path, self.path + "-wal", self.path + "-shm"):
+            try:
+                os.chmod(path, 0o600)
+            except FileNotFoundError:
+                continue
 
     def _after_writes(self) -> None:
         # Refresh statistics after every 50,000 written endpoints (about 10 ms each time).

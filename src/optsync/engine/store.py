@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from optsync.engine.api_keys import ApiKeyStore
 from optsync.engine.ledger import ConsentLedger
 from optsync.engine.models import (
     App,
@@ -61,9 +62,10 @@ class Segment:
     """Set on IMPORT segments (``segment_type == "IMPORT"``), whose members are a fixed list."""
 
 
-class EndpointStore(ConsentLedger, ABC):
-    """Apps, channels, endpoints, segments and consent history of the engine, and the consent
-    ledger built on that history (``optsync.engine.ledger``)."""
+class EndpointStore(ConsentLedger, ApiKeyStore, ABC):
+    """Apps, channels, endpoints, segments and consent history of the engine, the consent
+    ledger built on that history (``optsync.engine.ledger``) and the scoped API keys
+    (``optsync.engine.api_keys``)."""
 
     # apps -------------------------------------------------------------------------------------
     @abstractmethod

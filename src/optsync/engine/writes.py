@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from optsync.engine.countries import to_alpha2
 from optsync.engine.endpoints import (
     MAX_ATTRIBUTE_NAMES_PER_APP,
@@ -50,8 +52,8 @@ HistoryRow = tuple[
     str,  # endpoint_key
     str,  # endpoint_id
     str,  # at
-    OptOut | None,  # opt_out_before
-    OptOut | None,  # opt_out_after
+    str | None,  # opt_out_before (an OptOut)
+    str | None,  # opt_out_after (an OptOut)
     str | None,  # address
     CauseKind,  # cause_kind
     str,  # cause_ref
@@ -280,12 +282,12 @@ class WriteBatch:
                     "explicit opt-in: the source's opt-in column turned on after the end "
                     "user's opt-out",
                 )
-            return dataclasses.replace(patch, opt_out=None), None
+            return msgspec.structs.replace(patch, opt_out=None), None
         if patch.opt_out is OptOut.NONE:
             if patch.opt_in_reason:
                 self._drop_hold(key)
                 return patch, f"explicit opt-in after the end user's opt-out: {patch.opt_in_reason}"
-            return dataclasses.replace(patch, opt_out=None), None
+            return msgspec.structs.replace(patch, opt_out=None), None
         return patch, None
 
     def stop(self, key: str, at: str, cause: Cause) -> bool:

@@ -33,6 +33,12 @@ from typing import Any
 
 from optsync.events import ChangeEvent, Op, position_of
 from optsync.formats.dms import ControlRecord, MalformedRecord
+from optsync.formats.json_text import (
+    LONE_SURROGATE,
+    TOO_DEEP,
+    TOO_LONG_NUMBER,
+    has_lone_surrogate,
+)
 
 __all__ = ("decode_debezium",)
 
@@ -102,6 +108,12 @@ def _payload(data: bytes | Mapping[str, Any], what: str) -> dict[str, Any] | Non
             raise MalformedRecord(
                 f"{what} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
             ) from None
+        except RecursionError:
+            raise MalformedRecord(f"{what} {TOO_DEEP}") from None
+        except ValueError:  # an integer past int's text limit (sys.get_int_max_str_digits)
+            raise MalformedRecord(f"{what} {TOO_LONG_NUMBER}") from None
+        if has_lone_surrogate(parsed, bytes(data)):
+            raise MalformedRecord(f"{what} {LONE_SURROGATE}")
     else:
         parsed = data
     if parsed is None:

@@ -48,6 +48,12 @@ import msgspec
 
 from optsync.errors import Fatal
 from optsync.events import ChangeEvent, Op
+from optsync.formats.json_text import (
+    LONE_SURROGATE,
+    TOO_DEEP,
+    TOO_LONG_NUMBER,
+    has_lone_surrogate,
+)
 
 __all__ = (
     "KEY_COLUMNS",
@@ -179,7 +185,13 @@ def _encode(event: ChangeEvent, timestamp: str) -> bytes:
             f"event for table {event.table!r} holds a value JSON cannot carry ({exc}): "
             "convert it to str, int, float, bool or None where it is captured"
         ) from exc
-    return text.encode()
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise MalformedRecord(
+            f"event for table {event.table!r} holds a lone UTF-16 surrogate, which UTF-8 "
+            "cannot carry: decode the source's text strictly where it is captured"
+        ) from None
 
 
 def _plain(row: Mapping[str, Any]) -> bool:
@@ -281,8 +293,12 @@ def _parse(data: bytes) -> dict[str, Any]:
         record = _FAST_DECODER.decode(data)
     except ValueError:  # msgspec.DecodeError, or UnicodeDecodeError inside a string
         record = _parse_strictly(data)  # the standard library's result, or its reason
+    except RecursionError:
+        raise MalformedRecord(f"record {TOO_DEEP}") from None
     if not isinstance(record, dict):
         raise MalformedRecord(f"record is {_kind(record)}; a DMS record is a JSON object")
+    if has_lone_surrogate(record, data):
+        raise MalformedRecord(f"record {LONE_SURROGATE}")
     return record
 
 
@@ -299,6 +315,10 @@ def _parse_strictly(data: bytes) -> Any:
         raise MalformedRecord(
             f"record is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise MalformedRecord(f"record {TOO_DEEP}") from None
+    except ValueError:  # an integer past int's text limit (sys.get_int_max_str_digits)
+        raise MalformedRecord(f"record {TOO_LONG_NUMBER}") from None
 
 
 def _reject_constant(name: str) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from optsync.apply.mapping import MappingRule
+from optsync.backends import mapping_rules
 from optsync.config import Settings
 from optsync.engine.models import ChannelType, iso_now
 from optsync.errors import ConfigError
@@ -96,7 +97,7 @@ def source_table(settings: Settings) -> SourceTable:
             "the preference center edits a SQLite source: set [source] url = "
             '"sqlite:///path/app.db", or leave --prefs off'
         )
-    rules: Sequence[MappingRule] = [r for r in settings.mappings if r.user_id]
+    rules: Sequence[MappingRule] = [r for r in mapping_rules(settings.mappings) if r.user_id]
     if not rules:
         raise ConfigError(
             "the preference center signs users in by user id: give a [[mapping]] rule a "

@@ -22,11 +22,12 @@ Position text (the design; the module notes of ``optsync.capture.mysql.source`` 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
+
+import msgspec
+from msgspec.structs import replace
 
 from optsync.capture.base import CaptureView
 from optsync.errors import Fatal
@@ -46,8 +47,6 @@ _FILE_NUMBER = re.compile(r"\.([0-9]+)$")
 _MARIADB_GTID = re.compile(r"^([0-9]+)-([0-9]+)-([0-9]+)$")
 
 Phase = Literal["snapshot", "log"]
-_EXTRA_KEYS: Final = ("resnapshot", "start_at")
-"""Keys of states made for ``open`` by the CLI (``--resnapshot``, ``--start-position``)."""
 
 
 def file_index(name: str) -> int:
@@ -119,8 +118,7 @@ class GtidPosition:
         return hash(str(self))
 
 
-@dataclass(frozen=True)
-class LogPosition:
+class LogPosition(msgspec.Struct, frozen=True):
     """Where the log resumes: a transaction boundary, as binlog coordinates and GTID position."""
 
     file: str
@@ -128,9 +126,6 @@ class LogPosition:
     pos: int
     gtid: str | None = None
     """MariaDB: the GTID position (resume token). MySQL: None (resume by file:pos)."""
-
-    def dump(self) -> dict[str, Any]:
-        return {"file": self.file, "pos": self.pos, "gtid": self.gtid}
 
     def describe(self) -> str:
         where = f"binlog {self.file} position {self.pos}" if self.file else ""
@@ -140,9 +135,11 @@ class LogPosition:
         return f"{gtid} ({where})" if where else gtid
 
 
-@dataclass(frozen=True)
-class CaptureState:
-    """Where capture is; its JSON text is ``CaptureBatch.state``, handed back to ``open``."""
+class CaptureState(msgspec.Struct, frozen=True, tag_field="source", tag="mysql"):
+    """Where capture is; its JSON text is ``CaptureBatch.state``, handed back to ``open``.
+
+    Saved as msgspec JSON tagged ``"source": "mysql"`` with the format version ``v``.
+    """
 
     phase: Phase = "snapshot"
     lineage: int | None = None
@@ -162,73 +159,47 @@ class CaptureState:
     """Rows of ``table`` loaded so far (for progress)."""
     source_time: str | None = None
     """UTC time the capture has read the source up to (see "Lag" in the module notes)."""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    resnapshot: bool = False
+    """Made by ``optsync capture --resnapshot``: the next ``open`` takes a new snapshot."""
+    start_at: str | None = None
+    """Made by ``optsync capture --start-position``: the position as the user gave it."""
+
+    @property
+    def requested(self) -> bool:
+        """Whether the CLI made this state for ``open`` (``resnapshot`` or ``start_at``)."""
+        return self.resnapshot or self.start_at is not None
 
     def dump(self) -> str:
-        data: dict[str, Any] = {
-            "v": STATE_VERSION,
-            "source": "mysql",
-            "phase": self.phase,
-            "lineage": self.lineage,
-            "server_id": self.server_id,
-            "log": self.log.dump() if self.log else None,
-            "tables_done": list(self.tables_done),
-            "table": self.table,
-            "key": list(self.key),
-            "cursor": list(self.cursor) if self.cursor is not None else None,
-            "loaded": self.loaded,
-            "source_time": self.source_time,
-        }
-        data.update(self.extra)
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        return _ENCODER.encode({"v": STATE_VERSION, **msgspec.to_builtins(self)}).decode()
 
     def with_log(self, log: LogPosition, source_time: str | None) -> CaptureState:
         return replace(self, log=log, source_time=source_time or self.source_time)
 
     @classmethod
     def parse(cls, text: str, source: str) -> CaptureState:
-        """The state ``dump`` wrote; ``Fatal`` (naming the way out) if it is not one."""
+        """The state ``dump`` wrote (or an older release wrote); ``Fatal`` (naming the way
+        out) if it is not one."""
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            if data.get("source") != "mysql" or data.get("v") != STATE_VERSION:
-                raise TypeError(f"not a version-{STATE_VERSION} MySQL capture state")
-            phase = data["phase"]
-            if phase not in ("snapshot", "log"):
-                raise TypeError(f"phase {phase!r}")
-            log_data = data.get("log")
-            log = None
-            if log_data is not None:
-                gtid = log_data.get("gtid")
-                log = LogPosition(str(log_data["file"]), int(log_data["pos"]), gtid)
-                if gtid:
-                    GtidPosition.parse(gtid)  # validates
-                if log.file:
-                    file_index(log.file)
-            if phase == "log" and log is None:
-                raise TypeError("a log phase without a log position")
-            lineage = data.get("lineage")
-            server_id = data.get("server_id")
-            cursor = data.get("cursor")
-            return cls(
-                phase=phase,
-                lineage=int(lineage) if lineage is not None else None,
-                server_id=int(server_id) if server_id is not None else None,
-                log=log,
-                tables_done=tuple(str(t) for t in data.get("tables_done") or ()),
-                table=data.get("table"),
-                key=tuple(str(c) for c in data.get("key") or ()),
-                cursor=tuple(cursor) if cursor is not None else None,
-                loaded=int(data.get("loaded") or 0),
-                source_time=data.get("source_time"),
-                extra={k: data[k] for k in _EXTRA_KEYS if k in data},
-            )
-        except (ValueError, TypeError, KeyError, AttributeError, Fatal) as exc:
+            data = msgspec.json.decode(text)
+            if not isinstance(data, dict) or data.get("v") != STATE_VERSION:
+                raise ValueError(f"not a version-{STATE_VERSION} MySQL capture state")
+            state = msgspec.convert(data, cls)
+            if state.phase == "log" and state.log is None:
+                raise ValueError("a log phase without a log position")
+            if state.log is not None:
+                if state.log.gtid:
+                    GtidPosition.parse(state.log.gtid)  # validates
+                if state.log.file:
+                    file_index(state.log.file)
+        except (ValueError, msgspec.DecodeError, Fatal) as exc:
             raise Fatal(
                 f"source {source!r}: the saved capture state is not a MySQL capture state "
                 f"({exc}); start over with `optsync capture --resnapshot`"
             ) from exc
+        return state
+
+
+_ENCODER = msgspec.json.Encoder()
 
 
 def describe(text: str) -> CaptureView:

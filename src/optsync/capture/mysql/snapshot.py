@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import pymysql
 import pymysql.cursors
+from msgspec.structs import replace
 
 from optsync.capture.base import Progress
 from optsync.capture.mysql.connection import query

@@ -102,10 +102,10 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 import pymysql
+from msgspec.structs import replace
 
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress, check_arguments
 from optsync.capture.mysql.connection import (
@@ -187,7 +187,7 @@ class MySQLSource(ChangeSource):
 
     def resnapshot_state(self) -> str:
         """A state that makes the next ``open`` start a fresh snapshot and a new lineage."""
-        return CaptureState(extra={"resnapshot": True}).dump()
+        return CaptureState(resnapshot=True).dump()
 
     def state_at(self, position: str) -> str:
         """A state that makes the next ``open`` read the log from ``position``, no snapshot.
@@ -209,9 +209,8 @@ class MySQLSource(ChangeSource):
                     "GTID position (0-1-57) nor binlog coordinates (mysql-bin.000042:1234)"
                 ) from exc
             log = LogPosition("", 0, text)
-        return replace(
-            CaptureState(phase="log", log=log, tables_done=self.table_names),
-            extra={"start_at": text},
+        return CaptureState(
+            phase="log", log=log, tables_done=self.table_names, start_at=text
         ).dump()
 
     # -- open -------------------------------------------------------------------------------
@@ -249,16 +248,16 @@ class MySQLSource(ChangeSource):
         saved: CaptureState | None,
     ) -> CaptureState:
         if saved is None or saved.log is None:
-            if saved is not None and saved.extra:
+            if saved is not None and saved.requested:
                 logger.info("capture re-snapshot requested source=%s", self.name)
             return CaptureState()
-        if saved.extra:
+        if saved.requested:
             logger.info(
                 "capture start position given source=%s at=%s", self.name, saved.log.describe()
             )
         qualified = {self._qualify(name) for name in saved.tables_done}
         done = tuple(q for q in tables if q in qualified)
-        state = replace(saved, tables_done=done, extra={})
+        state = replace(saved, tables_done=done, resnapshot=False, start_at=None)
         if state.table is not None and state.table not in tables:
             state = replace(state, table=None, key=(), cursor=None, loaded=0)
         if state.lineage is None or state.server_id != server.server_id:

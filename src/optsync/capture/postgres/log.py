@@ -28,11 +28,12 @@ import logging
 import select
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import psycopg2
+from msgspec.structs import replace
 
 from optsync.capture.base import CaptureBatch
 from optsync.capture.postgres import pgoutput

@@ -14,10 +14,10 @@ text order is LSN order, and append a per-transaction ordinal:
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
+
+import msgspec
 
 from optsync.capture.base import CaptureView
 from optsync.errors import Fatal
@@ -67,9 +67,13 @@ def load_position(consistent_point: int, row: int | None = None) -> str:
     return base if row is None else f"{base}.{row:0{_ROW_DIGITS}d}"
 
 
-@dataclass(frozen=True)
-class CaptureState:
-    """Where capture is; its JSON text is the ``CaptureBatch.state`` handed back to ``open``."""
+class CaptureState(msgspec.Struct, frozen=True, tag_field="source", tag="postgres"):
+    """Where capture is; its JSON text is the ``CaptureBatch.state`` handed back to ``open``.
+
+    Saved as msgspec JSON tagged ``"source": "postgres"``, with the format version ``v``, the
+    slot, and LSNs in the server's own spelling (``16/B374D848``); a state saved before the
+    tag existed has the same keys without it and loads unchanged.
+    """
 
     phase: Phase = "snapshot"
     log_after: int | None = None
@@ -89,58 +93,40 @@ class CaptureState:
     resnapshot: bool = False
 
     def dump(self, slot: str) -> str:
-        return json.dumps(
-            {
-                "v": _STATE_VERSION,
-                "source": "postgres",
-                "phase": self.phase,
-                "slot": slot,
-                "log_after": None if self.log_after is None else format_lsn(self.log_after),
-                "snapshot_at": None if self.snapshot_at is None else format_lsn(self.snapshot_at),
-                "table": self.table,
-                "after_key": None if self.after_key is None else list(self.after_key),
-                "page": self.page,
-                "relfilenode": self.relfilenode,
-                "rows": self.rows,
-                "tables_done": list(self.tables_done),
-                "resnapshot": self.resnapshot,
-            },
-            separators=(",", ":"),
-        )
+        data: dict[str, Any] = {"v": _STATE_VERSION, **msgspec.to_builtins(self), "slot": slot}
+        for name in _LSN_FIELDS:
+            lsn = data[name]
+            data[name] = None if lsn is None else format_lsn(lsn)
+        return _ENCODER.encode(data).decode()
 
     @classmethod
     def parse(cls, text: str, source: str) -> CaptureState:
+        """The state ``dump`` wrote (or an older release wrote); ``Fatal`` if it is not one."""
         try:
-            data = json.loads(text)
+            data = msgspec.json.decode(text)
             if not isinstance(data, dict) or data.get("v") != _STATE_VERSION:
                 raise ValueError("not a PostgreSQL capture state")
-            phase = data["phase"]
-            if phase not in ("snapshot", "log"):
-                raise ValueError(f"phase {phase!r}")
-            log_after = data.get("log_after")
-            snapshot_at = data.get("snapshot_at")
-            after_key = data.get("after_key")
-            state = cls(
-                phase=phase,
-                log_after=None if log_after is None else parse_lsn(log_after),
-                snapshot_at=None if snapshot_at is None else parse_lsn(snapshot_at),
-                table=data.get("table"),
-                after_key=None if after_key is None else tuple(after_key),
-                page=int(data.get("page", 0)),
-                relfilenode=data.get("relfilenode"),
-                rows=int(data.get("rows", 0)),
-                tables_done=tuple(str(t) for t in data.get("tables_done", [])),
-                resnapshot=bool(data.get("resnapshot", False)),
-            )
-            if phase == "log" and state.log_after is None:
+            for name in _LSN_FIELDS:
+                lsn = data.get(name)
+                if lsn is not None:
+                    if not isinstance(lsn, str):
+                        raise ValueError(f"{name} {lsn!r} is not an LSN")
+                    data[name] = parse_lsn(lsn)
+            state = msgspec.convert(data, cls)
+            if state.phase == "log" and state.log_after is None:
                 raise ValueError("a log state without log_after")
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, msgspec.DecodeError) as exc:
             raise Fatal(
                 f"the saved capture state of source {source!r} is not a PostgreSQL capture state "
                 f"({exc}): {text[:200]!r}; discard it (optsync capture --resnapshot) to start "
                 "over with a new snapshot"
             ) from exc
         return state
+
+
+_LSN_FIELDS: Final = ("log_after", "snapshot_at")
+"""Fields held as numbers and saved as LSN text."""
+_ENCODER = msgspec.json.Encoder()
 
 
 def describe(text: str) -> CaptureView:

@@ -131,6 +131,12 @@ class TableReader:
             page = last
         return Chunk(rows, [], (), page, page >= self.pages)
 
+    def matching(self, condition: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        """The rows matching an SQL ``condition`` with ``%s`` placeholders (reconcile reads one
+        row again by its key this way, converted as the snapshot converts it)."""
+        raw = self._copy(f"{_escaped(self._select)} WHERE {condition}", params)
+        return [self._row(fields) for fields in raw]
+
     def _copy(self, sql: str, params: Sequence[Any]) -> list[list[str | None]]:
         query = self.cur.mogrify(sql, params).decode() if params else sql.replace("%%", "%")
         buffer = io.StringIO()

@@ -77,11 +77,11 @@ import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Final
 
 import psycopg2
 import psycopg2.extensions
+from msgspec.structs import replace
 
 from optsync.capture.base import CaptureBatch, ChangeSource, Progress, check_arguments
 from optsync.capture.postgres.connection import check_url, connect, masked, quote_ident

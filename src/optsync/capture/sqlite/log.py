@@ -30,9 +30,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Final
+
+from msgspec.structs import replace
 
 from optsync.capture.sqlite.connection import translated
 from optsync.capture.sqlite.position import CaptureState, Phase

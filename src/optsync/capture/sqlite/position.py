@@ -3,13 +3,16 @@
 Positions are the change table's sequence numbers (``optsync.events.position_of``); the state says
 which snapshot is running (``snapshot_s``, the change number its read transaction saw), how far
 its current table is loaded (``after_rowid``) and from which change the log reads on.
+
+The state is msgspec JSON tagged ``"source": "sqlite"``; a state saved before the tag existed
+has the same keys without it and loads unchanged.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from typing import Literal
+
+import msgspec
 
 from optsync.capture.base import CaptureView
 from optsync.errors import Fatal
@@ -19,8 +22,7 @@ __all__ = ("CaptureState", "describe")
 Phase = Literal["snapshot", "log"]
 
 
-@dataclass(frozen=True)
-class CaptureState:
+class CaptureState(msgspec.Struct, frozen=True, tag_field="source", tag="sqlite"):
     """Where capture is; its JSON text is the ``CaptureBatch.state`` handed back to ``open``."""
 
     phase: Phase = "snapshot"
@@ -34,52 +36,30 @@ class CaptureState:
     """The log's position: the change rows up to this seq are read (or in the snapshot)."""
 
     def dump(self) -> str:
-        return json.dumps(
-            {
-                "source": "sqlite",
-                "phase": self.phase,
-                "snapshot_s": self.snapshot_s,
-                "table": self.table,
-                "after_rowid": self.after_rowid,
-                "tables_done": list(self.tables_done),
-                "log_after": self.log_after,
-            },
-            separators=(",", ":"),
-        )
+        return _ENCODER.encode(self).decode()
 
     @classmethod
     def parse(cls, text: str, source: str) -> CaptureState:
+        """The state ``dump`` wrote (or an older release wrote); ``Fatal`` if it is not one."""
         try:
-            data = json.loads(text)
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            phase = data["phase"]
-            snapshot_s = data.get("snapshot_s")
-            table = data.get("table")
-            after_rowid = data.get("after_rowid", 0)
-            tables_done = data.get("tables_done", [])
-            log_after = data.get("log_after")
-            valid = (
-                phase in ("snapshot", "log")
-                and (snapshot_s is None or isinstance(snapshot_s, int))
-                and (table is None or isinstance(table, str))
-                and isinstance(after_rowid, int)
-                and isinstance(tables_done, list)
-                and all(isinstance(name, str) for name in tables_done)
-                and (log_after is None or isinstance(log_after, int))
-                and (phase == "snapshot" or log_after is not None)
-            )
-        except (ValueError, TypeError, KeyError) as exc:
+            state = _DECODER.decode(text)
+            if state.phase == "log" and state.log_after is None:
+                raise msgspec.ValidationError("a log phase without log_after")
+        except msgspec.ValidationError as exc:
+            raise Fatal(
+                f"the saved capture state of source {source!r} is not a SQLite capture state "
+                f"({exc}): {text[:200]!r}; discard it to start capture over with a new snapshot"
+            ) from exc
+        except msgspec.DecodeError as exc:
             raise Fatal(
                 f"the saved capture state of source {source!r} is not readable ({exc}); "
                 "discard it to start capture over with a new snapshot"
             ) from exc
-        if not valid:
-            raise Fatal(
-                f"the saved capture state of source {source!r} is not a SQLite capture state: "
-                f"{text[:200]!r}; discard it to start capture over with a new snapshot"
-            )
-        return cls(phase, snapshot_s, table, after_rowid, tuple(tables_done), log_after)
+        return state
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(CaptureState)
 
 
 def describe(text: str) -> CaptureView:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from optsync.capture.base import Progress
 from optsync.capture.sqlite.connection import translated
