@@ -754,6 +754,7 @@ def mass_opt_out(folder: Path, url: str, port: int, rows: int) -> dict[str, Any]
     opting every one of them out, in one transaction: seconds from its commit until the last
     change is applied, and the peak RSS of the pipeline's processes (this one included)."""
     fill(port, rows, KEYED_DDL)
+    before_kib = _rss_kib(os.getpid())  # what this script held before the pipeline started
     run = RunPipeline(folder, url, ["optin_status"])
     began = time.time()
     run.start()
@@ -798,6 +799,7 @@ def mass_opt_out(folder: Path, url: str, port: int, rows: int) -> dict[str, Any]
         "commit_to_all_in_stream_s": in_stream - committed,
         "applied_changes_s": rows / applied_s,
         "peak_rss_mib": rss.peak_kib / 1024,
+        "bench_rss_before_mib": before_kib / 1024,
         "peak_rss_parts_mib": {k: v / 1024 for k, v in rss.peak_parts.items()},
     }
 
@@ -1072,7 +1074,9 @@ def main() -> None:
         )
         print(
             f"  peak RSS, the pipeline's processes        {mass['peak_rss_mib']:>9,.0f} MiB "
-            f"({', '.join(f'{k} {v:,.0f}' for k, v in mass['peak_rss_parts_mib'].items())})\n"
+            f"({', '.join(f'{k} {v:,.0f}' for k, v in mass['peak_rss_parts_mib'].items())}; "
+            f"this script's own process held {mass['bench_rss_before_mib']:,.0f} MiB before "
+            "the pipeline started)\n"
         )
         figures["mass_opt_out"] = mass
 
