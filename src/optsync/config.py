@@ -213,6 +213,15 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True):
     """Fill an SMS/VOICE endpoint's Location.Country from its number when not given."""
 
 
+class ApplySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[apply]``: how the apply stage runs (decoded from the file as it is)."""
+
+    mapping_process: bool | None = None
+    """Decode and map records in a child process one batch ahead of the engine writes
+    (``optsync.apply.stage``) [default: when the machine has two cores or more]. It pays when
+    a core is free for it; turn it off on a machine whose cores are busy with other work."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: Path = Path("optsync-data")
     """Folder for the embedded engine, stream, DLQ and generated credentials."""
@@ -226,6 +235,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The engine app the mapping writes into; created if missing."""
     source: SourceSettings | None = None
     stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    apply: ApplySettings = msgspec.field(default_factory=ApplySettings)
     mappings: tuple[MappingSettings, ...] = ()
     channels: tuple[ChannelType, ...] = ()
     """Channels enabled in the app at start (``[engine] channels``)."""
@@ -296,6 +306,7 @@ class _File(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     data_dir: str | None = None
     source: SourceSettings | None = None
     stream: StreamSettings | None = None
+    apply: ApplySettings | None = None
     engine: _EngineTable | None = None
     api: _ApiTable | None = None
     mapping: tuple[MappingSettings, ...] = ()
@@ -311,6 +322,7 @@ _TABLES: Final[Mapping[str, type[msgspec.Struct]]] = {
     "engine": _EngineTable,
     "source": SourceSettings,
     "stream": StreamSettings,
+    "apply": ApplySettings,
     "mapping": MappingSettings,
     "segment": _SegmentTable,
 }
@@ -318,6 +330,7 @@ _TOP_KEYS: Final = _File.__struct_fields__
 _API_KEYS: Final = _ApiTable.__struct_fields__
 _ENGINE_KEYS: Final = _EngineTable.__struct_fields__
 _STREAM_KEYS: Final = StreamSettings.__struct_fields__
+_APPLY_KEYS: Final = ApplySettings.__struct_fields__
 _SOURCE_KEYS: Final = SourceSettings.__struct_fields__
 _MAPPING_KEYS: Final = MappingSettings.__struct_fields__
 _SEGMENT_KEYS: Final = _SegmentTable.__struct_fields__
@@ -405,6 +418,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         engine=engine,
         source=source,
         stream=_stream(file.stream or StreamSettings(), doc.get("stream") or {}, env),
+        apply=file.apply or ApplySettings(),
         mappings=mappings,
         channels=_channels(engine_table.channels),
         segments=_segments(file.segment),

@@ -96,7 +96,8 @@ class Pipeline:
     ``store``: the engine (needed by apply only). ``capture_process``: run capture in a child
     process (default: when both stages run here); False keeps it in a thread of this process.
     ``mapping_process``: decode and map records in a child process while the apply thread
-    writes the engine (``apply.stage``; default: when this machine has two cores or more).
+    writes the engine (``apply.stage``; default: ``[apply] mapping_process``, else when this
+    machine has two cores or more).
     """
 
     def __init__(
@@ -142,6 +143,8 @@ class Pipeline:
                 self.dlq = open_dlq(settings)
                 self.app: App = ensure_app(store, settings.app)
                 rules = mapping_rules(settings.mappings)
+                if mapping_process is None:
+                    mapping_process = settings.apply.mapping_process
                 if mapping_process is None:
                     mapping_process = (os.cpu_count() or 1) >= 2
                 if mapping_process:

@@ -611,3 +611,21 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return ""
+
+
+@pytest.mark.parametrize("configured", [None, False, True])
+def test_the_mapping_process_follows_apply_mapping_process(
+    tmp_path: Path, sample: Path, configured: bool | None
+) -> None:
+    """``[apply] mapping_process``: off, on, or (unset) on when the machine has two cores."""
+    settings = make_settings(tmp_path)
+    settings = msgspec.structs.replace(
+        settings, apply=msgspec.structs.replace(settings.apply, mapping_process=configured)
+    )
+    expected = (os.cpu_count() or 1) >= 2 if configured is None else configured
+    with running(settings) as pipeline:
+        assert (pipeline.stage is not None) == expected
+        drain(pipeline, sample)
+        assert len(engine_rows(pipeline)) == 9  # the sample's users, either way
+        if pipeline.stage is not None:
+            assert pipeline.stage.alive

@@ -374,3 +374,13 @@ def test_config_imports_no_engine_api_or_apply_module() -> None:
     }
     assert "optsync.config" in found
     assert set(found) <= allowed, set(found) - allowed
+
+
+def test_apply_mapping_process_is_read_and_unknown_apply_keys_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "optsync.toml"
+    path.write_text("[apply]\nmapping_process = false\n")
+    assert load_settings(path, env={}).apply.mapping_process is False
+    assert load_settings(None, env={}).apply.mapping_process is None  # auto: by core count
+    path.write_text("[apply]\nmapping_processes = false\n")
+    with pytest.raises(ConfigError, match=r"\[apply\].*mapping_processes"):
+        load_settings(path, env={})

@@ -24,6 +24,7 @@ def test_the_sqlite_example_names_every_key() -> None:
             - {
                 "source",
                 "stream",
+                "apply",
                 "engine",
                 "api",
                 "mapping",
@@ -36,6 +37,7 @@ def test_the_sqlite_example_names_every_key() -> None:
         | set(config._API_KEYS)
         | set(config._ENGINE_KEYS)
         | set(config._STREAM_KEYS)
+        | set(config._APPLY_KEYS)
     )
     known |= set(config._SOURCE_KEYS) | set(config._MAPPING_KEYS) | set(config._SEGMENT_KEYS)
     known |= (
