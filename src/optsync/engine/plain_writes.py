@@ -475,10 +475,7 @@ class PlainPlan:
             if c.request_id is None:
                 continue  # every write to it was stale
             new = c.updatable()
-            old = (
-                s.channel, s.address, s.opt_out, s.status, None, None, s.user_id, s.country,
-                s.country_code, s.position,
-            )  # fmt: skip
+            old = _current(s).updatable()  # as stored: no EffectiveDate or RequestId compared
             which = tuple(i for i in range(len(new)) if new[i] != old[i])
             updates.setdefault(which, []).append((*(new[i] for i in which), c.pk))
         inserts.sort(key=lambda r: r.pk)
