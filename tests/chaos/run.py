@@ -6,9 +6,10 @@ Splits the kills between the sources (MariaDB -> capture -> NATS -> apply -> Pos
 then the same from a PostgreSQL source), prints a line per source and then the one line of the
 whole run::
 
-    kills=N restarts=N changes=N lost=0 divergent=0 out_of_order=0
+    kills=N restarts=N changes=N lost=0 divergent=0 out_of_order=0 inactive=0
 
-Exit code 0 only if lost, divergent and out_of_order are all 0 (1 otherwise, 2 for bad usage).
+Exit code 0 only if lost, divergent, out_of_order and inactive are all 0 and ``optsync
+reconcile`` finds no drift either (1 otherwise, 2 for bad usage).
 The definitions are in harness.py and docs/reliability.md.
 """
 

@@ -3,6 +3,7 @@ source order, or a clean chaos run would prove nothing. Fast: an in-memory SQLit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -126,7 +127,7 @@ def test_differences_name_lost_and_divergent_endpoints(store: SQLiteStore) -> No
     ("exit_code", "said", "agrees"),
     [
         (0, "reconcile: 9 source rows, 9 engine endpoints: 0 drifting; 0 changing", True),
-        (1, "reconcile: 9 source rows, 9 engine endpoints: 1 drifting (inactive 1); 0", True),
+        (1, "reconcile: 9 source rows, 9 engine endpoints: 1 drifting (inactive 1); 0", False),
         (
             1,
             "reconcile: 9 source rows, 9 engine endpoints: 3 drifting (missing 1, opt_out 2)",
@@ -140,3 +141,4 @@ def test_reconcile_agrees_only_without_real_drift(exit_code: int, said: str, agr
     figures = Figures(reconcile_exit=exit_code, reconcile_said=said)
     assert figures.reconcile_agrees is agrees
     assert figures.clean is agrees
+    assert not dataclasses.replace(figures, reconcile_exit=0, inactive=1).clean

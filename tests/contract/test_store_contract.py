@@ -26,6 +26,7 @@ from optsync.engine.models import (
     ChannelType,
     ConsentChange,
     Demographic,
+    Endpoint,
     EndpointDelete,
     EndpointPatch,
     EndpointStatus,
@@ -37,6 +38,7 @@ from optsync.engine.models import (
 from optsync.engine.segments import SegmentDefinition, definition_from_wire
 from optsync.engine.sql import SqlStore, StoreSettings
 from optsync.engine.store import EndpointStore, ImportDefinition, Segment
+from optsync.engine.writes import WriteBatch
 from optsync.errors import InvalidRequest, LimitExceeded, NotFound
 
 StoreFactory = Callable[[StoreSettings], EndpointStore]  # the make_store fixture of conftest
@@ -392,6 +394,56 @@ def test_same_address_on_another_channel_changes_nothing(store: EndpointStore, a
     write(store, app_id, EndpointPatch(id="v", channel_type=ChannelType.VOICE, address=US_NUMBER))
     assert store.get_endpoint(app_id, "a").endpoint_status is EndpointStatus.ACTIVE
     assert store.get_endpoint(app_id, "v").endpoint_status is EndpointStatus.ACTIVE
+
+
+def statuses(store: EndpointStore, app_id: str, *ids: str) -> list[str]:
+    return [store.get_endpoint(app_id, i).endpoint_status.value for i in ids]
+
+
+OTHER_NUMBER = "+12341119998"
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-per-batch", "one-batch"])
+@pytest.mark.parametrize("leaves", ["moves", "deleted", "set-inactive", "changes-channel"])
+def test_a_source_endpoint_takes_its_address_back_when_the_holder_leaves(
+    store: EndpointStore, app_id: str, leaves: str, batched: bool
+) -> None:
+    """The fallback rule (``WriteBatch._fall_back``): when the ACTIVE holder of an address
+    leaves it, the source-driven endpoint there that the newest source change wrote becomes
+    ACTIVE again; API-only endpoints stay INACTIVE, as in Pinpoint."""
+    write(store, app_id, sms("api-only"))
+    write(store, app_id, sms("older", position="00000001"), cause=source("00000001"))
+    write(store, app_id, sms("newer", position="00000003"), cause=source("00000003"))
+    write(store, app_id, sms("holder", position="00000004"), cause=source("00000004"))
+    assert statuses(store, app_id, "api-only", "older", "newer", "holder") == [
+        "INACTIVE", "INACTIVE", "INACTIVE", "ACTIVE",
+    ]  # fmt: skip
+    away: EndpointPatch | EndpointDelete = {
+        "moves": EndpointPatch(id="holder", address=OTHER_NUMBER, position="00000006"),
+        "deleted": EndpointDelete("holder", position="00000006"),
+        "set-inactive": EndpointPatch(id="holder", endpoint_status=EndpointStatus.INACTIVE),
+        "changes-channel": EndpointPatch(id="holder", channel_type=ChannelType.VOICE),
+    }[leaves]
+    cause = source("00000006") if away.position else API
+    writes: list[EndpointPatch | EndpointDelete] = [away]
+    if batched:  # the holder written twice in the batch, and a bystander
+        flip = EndpointPatch(id="holder", opt_out=OptOut.ALL, position=away.position and "00000005")
+        writes = [sms("bystander", address="+12341117777"), flip, away]
+    assert write(store, app_id, *writes, cause=cause).applied == len(writes)
+    assert statuses(store, app_id, "api-only", "older", "newer") == [
+        "INACTIVE", "INACTIVE", "ACTIVE",
+    ]  # fmt: skip
+    # The address is held again: the next holder to leave hands it on the same way. A holder
+    # set INACTIVE through the API is still source-driven: the newest there, it comes first
+    # (any write makes an endpoint ACTIVE again, in Pinpoint too).
+    write(store, app_id, EndpointDelete("newer", position="00000007"), cause=source("00000007"))
+    if leaves == "set-inactive":
+        assert statuses(store, app_id, "holder", "older") == ["ACTIVE", "INACTIVE"]
+        write(store, app_id, EndpointDelete("holder", position="00000008"), cause=source("8"))
+    assert statuses(store, app_id, "api-only", "older") == ["INACTIVE", "ACTIVE"]
+    # Nobody source-driven is left: the API-only endpoint stays INACTIVE (Pinpoint's rule).
+    write(store, app_id, EndpointDelete("older", position="00000009"), cause=source("00000009"))
+    assert statuses(store, app_id, "api-only") == ["INACTIVE"]
 
 
 def test_sixteenth_sms_endpoint_of_a_user_is_refused_atomically(
@@ -1520,6 +1572,22 @@ def _workload(seed: int, positioned: bool) -> list[list[EndpointPatch | Endpoint
     return batches
 
 
+def _count_fallbacks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the endpoints ``WriteBatch._fall_back`` makes ACTIVE again (one cell, updated)."""
+    taken = [0]
+    fall_back = WriteBatch._fall_back
+
+    def counting(batch: WriteBatch, e: Endpoint, key: str) -> None:
+        at = batch._by_address.get((e.address or "", e.channel_type), set()) - {key}
+        before = {k for k in at if batch.rows[k].endpoint.endpoint_status is EndpointStatus.ACTIVE}
+        fall_back(batch, e, key)
+        after = {k for k in at if batch.rows[k].endpoint.endpoint_status is EndpointStatus.ACTIVE}
+        taken[0] += len(after - before)
+
+    monkeypatch.setattr(WriteBatch, "_fall_back", counting)
+    return taken
+
+
 def _state(store: EndpointStore, app_id: str) -> dict[str, Any]:
     endpoints = {
         row[0]: row[1:]
@@ -1580,8 +1648,9 @@ def _check_side_rows(store: EndpointStore, app_id: str) -> None:
 @pytest.mark.parametrize("positioned", [False, True])
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_batched_writes_equal_one_at_a_time(
-    make_store: StoreFactory, seed: int, positioned: bool
+    make_store: StoreFactory, seed: int, positioned: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fallbacks = _count_fallbacks(monkeypatch)
     batched, single = make_store(StoreSettings()), make_store(StoreSettings())
     app_b, app_s = batched.create_app("b").id, single.create_app("s").id
     kind = CauseKind.SOURCE if positioned else CauseKind.API
@@ -1596,8 +1665,10 @@ def test_batched_writes_equal_one_at_a_time(
     state_b, state_s = _state(batched, app_b), _state(single, app_s)
     assert state_b["endpoints"], "the workload left no endpoint: it tests nothing"
     assert state_b == state_s
-    # Same-address deactivation (and the push rollover at the user cap) happened.
+    # Same-address deactivation (and the push rollover at the user cap) happened, and for
+    # source writes the fallback to the newest source-driven endpoint at a left address.
     assert any(v[3] == "INACTIVE" for v in state_b["endpoints"].values())
+    assert fallbacks[0] > 0 or not positioned
     _check_side_rows(batched, app_b)
     _check_side_rows(single, app_s)
 
@@ -1845,6 +1916,7 @@ def test_plain_source_writes_equal_write_batch_one_at_a_time(
         return sharing
 
     monkeypatch.setattr(sql_module, "share", counting_share)
+    fallbacks = _count_fallbacks(monkeypatch)
     batched, reference = make_store(StoreSettings()), make_store(StoreSettings())
     assert isinstance(reference, SqlStore)
     reference.plain_writes = False  # every write through WriteBatch, one at a time
@@ -1879,6 +1951,7 @@ def test_plain_source_writes_equal_write_batch_one_at_a_time(
     assert state_b == state_r
     assert any(v[3] == "INACTIVE" for v in state_b["endpoints"].values())
     assert totals[1] > 0, "no stale write: the guard was not exercised"
+    assert fallbacks[0] > 0, "no endpoint took an address back: the fallback was not exercised"
     _check_side_rows(batched, app_b)
 
 

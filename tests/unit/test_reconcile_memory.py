@@ -13,7 +13,14 @@ from optsync.capture.mysql.position import load_position as mysql_load
 from optsync.capture.mysql.position import row_position
 from optsync.capture.postgres.position import load_position as pg_load
 from optsync.capture.postgres.position import log_position
-from optsync.engine.models import Cause, CauseKind, ChannelType, EndpointPatch, OptOut
+from optsync.engine.models import (
+    Cause,
+    CauseKind,
+    ChannelType,
+    EndpointPatch,
+    EndpointStatus,
+    OptOut,
+)
 from optsync.engine.sqlite import SQLiteStore
 from optsync.events import ChangeEvent, Op, Row, position_of
 from optsync.reconcile import (
@@ -127,10 +134,18 @@ def test_finds_each_kind_and_repair_removes_it(store: SQLiteStore) -> None:
     assert not reconcile(store, app_id, reader, mapper, chunk=2).drifts
 
     store.write_endpoints(app_id, [EndpointPatch("user1_+12341111111", opt_out=OptOut.ALL)], API)
+    # user2 INACTIVE while nobody holds its number (as a store written before the fallback
+    # rule may hold it: now an endpoint that leaves the number hands it back to user2).
     store.write_endpoints(
         app_id, [EndpointPatch("x", ChannelType.SMS, address="+12341111112")], API
     )
-    store.delete_endpoint(app_id, "x", API)  # user2 stays INACTIVE, its number free
+    store.delete_endpoint(app_id, "x", API)
+    assert store.get_endpoint(app_id, "user2_+12341111112").endpoint_status is EndpointStatus.ACTIVE
+    store.write_endpoints(
+        app_id,
+        [EndpointPatch("user2_+12341111112", endpoint_status=EndpointStatus.INACTIVE)],
+        API,
+    )
     store.write_endpoints(
         app_id, [EndpointPatch("api-only", ChannelType.SMS, address="+1555")], API
     )

@@ -15,9 +15,11 @@ A write is **plain** when:
 - no end-user opt-out holds the endpoint, and the stored endpoint has no attribute or metric
   rows (their copies of the rollup columns would have to follow);
 - no write of the batch to another endpoint touches its addresses or UserIds (stored or
-  given), and no other stored endpoint is ACTIVE at an address its writes give (unless it
-  holds that address ACTIVE itself: at most one endpoint per address and channel is) or
-  belongs to a UserId it joins (the store checks both in one statement each).
+  given), no other stored endpoint is ACTIVE at an address its writes give (unless it
+  holds that address ACTIVE itself: at most one endpoint per address and channel is) or is
+  at all at an address it may leave (deleted, moved, another channel: a source-driven
+  endpoint there would take the address back), or belongs to a UserId it joins (the store
+  checks the addresses in one statement and the UserIds in another).
 
 An endpoint written several times in a batch is worked out write after write, so the guard,
 the consent history and the rollup see each step, as they would one write at a time. Every
@@ -165,18 +167,27 @@ class Sharing:
     addresses: dict[str, set[str]] = field(default_factory=dict)
     """Address -> the candidate endpoints (keys) whose writes give it: no other stored
     endpoint may hold it ACTIVE."""
+    left: dict[str, set[str]] = field(default_factory=dict)
+    """Address -> the candidate endpoints (keys) that may leave it: no other stored endpoint
+    may be there (a source-driven one would take the address back)."""
     users: dict[str, set[str]] = field(default_factory=dict)
     """UserId -> the candidate endpoints (keys) that join it: no other stored endpoint may
     belong to it."""
     writes_of: dict[str, list[int]] = field(default_factory=dict)
     """Endpoint key -> the indexes of its writes."""
 
-    def settle(self, active: Mapping[str, set[str]], members: Mapping[str, set[str]]) -> None:
+    def settle(
+        self,
+        active: Mapping[str, set[str]],
+        present: Mapping[str, set[str]],
+        members: Mapping[str, set[str]],
+    ) -> None:
         """Drop the candidates that another stored endpoint would meet: one ACTIVE at an
-        address they give (``active``: address -> keys) or one of a UserId they join
-        (``members``: user -> keys)."""
+        address they give (``active``: address -> keys), any at an address they may leave
+        (``present``), or one of a UserId they join (``members``: user -> keys)."""
         dropped: set[str] = set()
-        for found, wanted in ((active, self.addresses), (members, self.users)):
+        wants = ((active, self.addresses), (present, self.left), (members, self.users))
+        for found, wanted in wants:
             for value, keys in found.items():
                 for key in wanted.get(value, ()):
                     if keys - {key}:
@@ -271,6 +282,16 @@ def share(
         stays = s.user_id if s is not None else None
         # Deleted and created again, it joins its UserId anew.
         leaves = len(patches) < len(mine) or any(w.user_id not in (None, stays) for w in patches)
+        # The addresses it may leave (deleted, moved, another channel): while it holds one
+        # ACTIVE, a source-driven endpoint there would take it back (``WriteBatch._fall_back``).
+        places = {w.address for w in patches if w.address is not None}
+        channels = {w.channel_type for w in patches if w.channel_type is not None}
+        if s is not None:
+            places.update((s.address,) if s.address is not None else ())
+            channels.add(ChannelType(s.channel))
+        if len(patches) < len(mine) or len(places) > 1 or len(channels) > 1:
+            for address in places:
+                sharing.left.setdefault(address, set()).add(key)
         for w in patches:
             if w.address is not None and w.address != held_address:
                 sharing.addresses.setdefault(w.address, set()).add(key)

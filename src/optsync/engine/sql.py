@@ -421,7 +421,8 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, SqlApiKeys, SqlPlainWrites
         """Read every row the writes can touch (see ``optsync.engine.writes``), in a few statements.
 
         The endpoints named by the writes; every ACTIVE endpoint at an address they set or
-        hold (same-address deactivation); every endpoint of a UserId they set or hold (the
+        hold (same-address deactivation), every endpoint at an address an ACTIVE one may leave
+        (the fallback); every endpoint of a UserId they set or hold (the
         per-user cap and UserAttributes); their tombstones and the app's attribute names.
         """
         names = {
@@ -440,12 +441,14 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, SqlApiKeys, SqlPlainWrites
         keys = {endpoint_key(w.id) for w in writes}
         named = self._select_in(cur, app_id, "id_key", keys)
         batch.load(named)
-        addresses, users = peers_to_read(writes, {endpoint_key(e.id): e for _, e in named})
-        if addresses:
+        peers = peers_to_read(writes, {endpoint_key(e.id): e for _, e in named})
+        if peers.left:
+            batch.load(self._select_in(cur, app_id, "address", peers.left, "", batch.rows))
+        if addresses := peers.addresses - peers.left:
             active = " AND status = 'ACTIVE'"
             batch.load(self._select_in(cur, app_id, "address", addresses, active, batch.rows))
-        if users:
-            batch.load(self._select_in(cur, app_id, "user_id", users, "", batch.rows))
+        if peers.users:
+            batch.load(self._select_in(cur, app_id, "user_id", peers.users, "", batch.rows))
         positioned = sorted({endpoint_key(w.id) for w in writes if w.position is not None})
         for chunk in self._chunks(positioned):
             test, params = self._in("id_key", chunk)

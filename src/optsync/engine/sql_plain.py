@@ -163,17 +163,19 @@ class SqlPlainWrites(ABC):
 
     def _settle(self, cur: Cursor, app_id: str, sharing: Sharing) -> None:
         """Check the plain candidates against the stored endpoints at the addresses they are
-        given and of the UserIds they join (``Sharing.settle``)."""
+        given or may leave and of the UserIds they join (``Sharing.settle``)."""
         active: dict[str, set[str]] = {}
-        for chunk in self._chunks(sorted(sharing.addresses)):
+        present: dict[str, set[str]] = {}
+        for chunk in self._chunks(sorted(sharing.addresses.keys() | sharing.left.keys())):
             test, params = self._in("address", chunk)
-            for address, key in self._exec(
+            for address, key, status in self._exec(
                 cur,
-                f"SELECT address, id_key FROM endpoints WHERE app_id = ? AND {test} "
-                "AND status = 'ACTIVE'",
+                f"SELECT address, id_key, status FROM endpoints WHERE app_id = ? AND {test}",
                 (app_id, *params),
             ).fetchall():
-                active.setdefault(address, set()).add(key)
+                present.setdefault(address, set()).add(key)
+                if status == "ACTIVE":
+                    active.setdefault(address, set()).add(key)
         members: dict[str, set[str]] = {}
         for chunk in self._chunks(sorted(sharing.users)):
             test, params = self._in("user_id", chunk)
@@ -183,8 +185,8 @@ class SqlPlainWrites(ABC):
                 (app_id, *params),
             ).fetchall():
                 members.setdefault(user, set()).add(key)
-        if active or members:
-            sharing.settle(active, members)
+        if present or members:
+            sharing.settle(active, present, members)
 
     def _finish_plain(self, cur: Cursor, plan: PlainPlan, batch: WriteBatch | None) -> None:
         """Write the plain writes' rows, then the batch's (with the shared history)."""

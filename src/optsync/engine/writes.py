@@ -1,9 +1,10 @@
 """One write transaction of endpoints, worked out in memory before anything is written.
 
 A ``WriteBatch`` starts from the rows the store read up front: the endpoints the writes name,
-every ACTIVE endpoint at an address they touch, and every endpoint of a UserId they touch. That
-set is closed under the rules below (same-address deactivation, the 15-per-user cap, UserAttributes
-kept equal across a user), so the batch applies Pinpoint's rules one write after the other on
+every ACTIVE endpoint at an address they touch, every endpoint at an address an ACTIVE endpoint
+may leave, and every endpoint of a UserId they touch. That set is closed under the rules below
+(same-address deactivation and fallback, the 15-per-user cap, UserAttributes kept equal across a
+user), so the batch applies Pinpoint's rules one write after the other on
 these rows alone, exactly as statement-by-statement execution would, and the store then writes
 the outcome with a few bulk statements (``rows_to_write``, ``deleted_pks``, ``history`` ...).
 
@@ -42,7 +43,7 @@ from optsync.engine.models import (
 )
 from optsync.errors import LimitExceeded
 
-__all__ = ("Bucket", "HistoryRow", "Hold", "Row", "WriteBatch", "bucket", "peers_to_read")
+__all__ = ("Bucket", "HistoryRow", "Hold", "Peers", "Row", "WriteBatch", "bucket", "peers_to_read")
 
 Bucket = tuple[str, str, str, str]
 """The rollup row an endpoint counts in: (country alpha-2 or '', channel, status, opt-out)."""
@@ -92,47 +93,75 @@ def bucket(e: Endpoint) -> Bucket:
     return (country or "", e.channel_type, e.endpoint_status, e.opt_out)
 
 
+@dataclass
+class Peers:
+    """What a batch must read beyond the endpoints its writes name (``peers_to_read``)."""
+
+    addresses: set[str] = field(default_factory=set)
+    """Addresses whose ACTIVE endpoints a write may deactivate."""
+    left: set[str] = field(default_factory=set)
+    """Addresses an ACTIVE endpoint may leave: every endpoint there is read (the fallback)."""
+    users: set[str] = field(default_factory=set)
+    """UserIds whose endpoints a write may meet (the cap, UserAttributes)."""
+
+
 def peers_to_read(
     writes: Sequence[EndpointPatch | EndpointDelete], stored: Mapping[str, Endpoint]
-) -> tuple[set[str], set[str]]:
+) -> Peers:
     """The addresses and UserIds whose other endpoints the batch must read, given the stored
     endpoints the writes name (by id_key).
 
     An address is needed when a write leaves an endpoint at an address (and channel) it did not
     hold ACTIVE: only then are other endpoints there deactivated. At most one endpoint per
     address and channel is ACTIVE (every write deactivates the others), so an endpoint that
-    stays where it held the address has no ACTIVE peer to read. A UserId is needed when an
-    endpoint joins it (the cap, the user's UserAttributes) or a write gives UserAttributes
-    (kept equal across the user). A key written more than once is compared with what the
-    batch did before, not with what is stored, so its addresses and users are always read.
+    stays where it held the address has no ACTIVE peer to read. An address an ACTIVE endpoint
+    leaves (it moves, changes channel, is set INACTIVE or deleted) is read whole: the
+    source-driven endpoint there may take it back (``WriteBatch._fall_back``). A UserId is
+    needed when an endpoint joins it (the cap, the user's UserAttributes) or a write gives
+    UserAttributes (kept equal across the user). A key written more than once is compared with
+    what the batch did before, not with what is stored, so its addresses and users are always
+    read, its addresses whole.
     """
     seen: Counter[str] = Counter(endpoint_key(w.id) for w in writes)
-    addresses: set[str] = set()
-    users: set[str] = set()
+    peers = Peers()
+    addresses, users, left = peers.addresses, peers.users, peers.left
     for w in writes:
-        if not isinstance(w, EndpointPatch):
-            continue
         key = endpoint_key(w.id)
         s = stored.get(key)
+        once = seen[key] == 1
+        if not isinstance(w, EndpointPatch):
+            if (s is not None and s.address is not None) and (
+                not once or s.endpoint_status is EndpointStatus.ACTIVE
+            ):
+                left.add(s.address)
+            continue
         address = w.address if w.address is not None else (s.address if s else None)
         channel = w.channel_type or (s.channel_type if s else None)
         user = w.user_id if w.user_id is not None else (s.user_id if s else None)
-        once = seen[key] == 1
-        if address is not None and not (
-            once
-            and s is not None
+        stays = (
+            s is not None
             and s.endpoint_status is EndpointStatus.ACTIVE
             and s.address == address
             and s.channel_type is channel
-        ):
+        )
+        if address is not None and not (once and stays):
             addresses.add(address)
             if s is not None and s.address:
                 addresses.add(s.address)
+        if not once:
+            left.update(a for a in (address, s.address if s else None) if a is not None)
+        elif (
+            s is not None
+            and s.address is not None
+            and s.endpoint_status is EndpointStatus.ACTIVE
+            and (not stays or w.endpoint_status is EndpointStatus.INACTIVE)
+        ):
+            left.add(s.address)
         if user is not None and (not once or s is None or s.user_id != user or w.user_attributes):
             users.add(user)
             if s is not None and s.user_id:
                 users.add(s.user_id)
-    return addresses, users
+    return peers
 
 
 @dataclass
@@ -335,6 +364,34 @@ class WriteBatch:
         if e.endpoint_status is EndpointStatus.ACTIVE:
             self._set(key, dataclasses.replace(e, endpoint_status=EndpointStatus.INACTIVE))
 
+    def _fall_back(self, e: Endpoint, key: str) -> None:
+        """``e`` (``key``) held its address ACTIVE and has left it (moved, changed channel, was
+        set INACTIVE or deleted): the source-driven endpoint there that the newest source
+        change wrote takes the address back (ACTIVE).
+
+        Pinpoint reactivates nobody; optsync mirrors a source, where the other row still has
+        the number, so a person the source says is opted in stays eligible once nobody else
+        holds their number. Endpoints written only through the API (no source position) stay
+        INACTIVE, as in Pinpoint. The batch holds every endpoint at the address
+        (``Peers.left``).
+        """
+        if e.address is None or e.endpoint_status is not EndpointStatus.ACTIVE:
+            return
+        best: tuple[str, int, str] | None = None
+        for other in self._by_address.get((e.address, e.channel_type), ()):
+            if other == key:
+                continue
+            row = self.rows[other]
+            peer = row.endpoint
+            if peer.endpoint_status is EndpointStatus.ACTIVE:
+                return  # someone holds it already
+            if peer.source_position is not None:
+                rank = (peer.source_position, row.pk, other)
+                best = rank if best is None or rank > best else best
+        if best is not None:
+            e = self.rows[best[2]].endpoint
+            self._set(best[2], dataclasses.replace(e, endpoint_status=EndpointStatus.ACTIVE))
+
     def _user_peers(self, user_id: str, key: str) -> list[Row]:
         """The other endpoints of a user, oldest row first (the order the database keeps)."""
         keys = self._by_user.get(user_id)
@@ -425,6 +482,12 @@ class WriteBatch:
             peers = self._by_address.get((endpoint.address, endpoint.channel_type), set())
             for other in sorted(peers - {key}):
                 self._deactivate(other)
+        if existing is not None and (
+            existing.address != endpoint.address
+            or existing.channel_type is not endpoint.channel_type
+            or endpoint.endpoint_status is not EndpointStatus.ACTIVE
+        ):
+            self._fall_back(existing, key)
         if patch.user_attributes and endpoint.user_id:
             self._sync_user_attributes(endpoint, patch.user_attributes)
         before = existing.opt_out if existing else None
@@ -468,6 +531,7 @@ class WriteBatch:
         if row.stored is not None:
             self.deleted_pks.append(row.pk)
         self.counts[bucket(endpoint)] -= 1
+        self._fall_back(endpoint, key)
         self._drop_hold(key)
         self._record(endpoint, endpoint.opt_out, None, cause, source_time=delete.source_time)
         return endpoint
