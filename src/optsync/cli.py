@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import msgspec
@@ -66,12 +67,13 @@ from optsync.credentials import load_or_create_credentials
 from optsync.engine.models import App, ChannelType
 from optsync.engine.segments import definition_to_wire
 from optsync.engine.store import EndpointStore, Segment
-from optsync.errors import ConfigError, Fatal
+from optsync.errors import ConfigError, Fatal, Retryable
 from optsync.extras import has_fast_server
 from optsync.logs import configure_logging
 from optsync.metrics import Metrics
 from optsync.pipeline import Pipeline, ensure_app
 from optsync.prefcenter import create_prefcenter, prefs_context
+from optsync.retry import Backoff
 from optsync.runtime import tune_gc
 from optsync.sample import SAMPLE_TABLE, create_sample_database
 from optsync.status import Status, read_status
@@ -80,6 +82,7 @@ from optsync.stream.base import Checkpoint
 __all__ = ("main",)
 
 logger = logging.getLogger("optsync")
+T = TypeVar("T")
 console = Console()
 
 SAMPLE_SEGMENT = "US-Segment"
@@ -291,6 +294,25 @@ def _snapshot_progress() -> Iterator[Progress]:
         yield progress
 
 
+def _when_up(stage: str, open_: Callable[[], T]) -> T:
+    """``open_()`` once the servers it needs answer.
+
+    A role started before its NATS server or its PostgreSQL engine is up (a reboot, a
+    supervisor starting everything at once) waits and retries with backoff, one WARNING line
+    naming what it waits for, instead of exiting; Ctrl-C stops it. A setting that cannot work
+    (``ConfigError``) still ends it at once with exit code 2.
+    """
+    backoff = Backoff(stage)
+    while True:
+        try:
+            opened = open_()
+        except Retryable as exc:
+            time.sleep(backoff.failed(exc))
+            continue
+        backoff.succeeded()
+        return opened
+
+
 def _run_pipeline(
     settings: Settings,
     store: EndpointStore | None,
@@ -308,8 +330,15 @@ def _run_pipeline(
                 tasks[table] = bar.add_task(table, total=expected)
             bar.update(tasks[table], completed=done, total=expected)
 
-        pipeline = Pipeline(
-            settings, store, progress=progress, on_applied=metrics.observe_applied, stages=stages
+        pipeline = _when_up(
+            "/".join(stages),
+            lambda: Pipeline(
+                settings,
+                store,
+                progress=progress,
+                on_applied=metrics.observe_applied,
+                stages=stages,
+            ),
         )
         pipeline.start()
         try:
@@ -457,7 +486,7 @@ def serve(
     _check_listen(settings.api)
     if data_dir is None or settings.engine_url is not None:
         require_data(settings)
-    store = open_store(settings)
+    store = _when_up("serve", lambda: open_store(settings))
     try:
         verifier, lines = _verifier(settings, insecure_no_auth)
         listener = _listener(settings.api)
@@ -677,9 +706,9 @@ def apply(config_path: Path) -> None:
             f"{config_path}: no [[mapping]] section: the apply stage needs the rules that turn "
             "rows into endpoints"
         )
-    store = open_store(settings)
+    store = _when_up("apply", lambda: open_store(settings))
     try:
-        _prepare_app(store, settings)
+        _when_up("apply", lambda: _prepare_app(store, settings))
         _run_pipeline(
             msgspec.structs.replace(settings, serve_api=False),
             store,

@@ -10,6 +10,7 @@ source-position order), after kills and server restarts.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import subprocess
@@ -174,6 +175,59 @@ def test_postgres_restarted_mid_stream(cluster: Cluster, postgres: PostgresServe
     assert not writer.is_alive()
     cluster.wait_converged(USERS, timeout=90)
     assert_history_in_source_order(cluster)
+
+
+def test_roles_started_while_their_servers_are_down_wait_for_them(
+    cluster: Cluster, nats_server: NatsServer, postgres: PostgresServer
+) -> None:
+    """A supervisor may start every role before nats-server and PostgreSQL answer (a reboot):
+    capture, apply and serve wait with backoff and a WARNING naming what they wait for, and
+    work once the servers are up, instead of exiting with a traceback."""
+    seed(cluster, users=9)
+    nats_server.stop()
+    postgres.stop()
+    try:
+        for label in ("capture", "apply-1", "serve-1"):
+            cluster.start(label)
+        waiting = {
+            "capture": "NATS server",
+            "apply-1": "NATS server",  # the engine is opened first: PostgreSQL, then NATS
+            "serve-1": "engine",
+        }
+
+        def all_waiting() -> bool:
+            logs = {label: cluster.log(label) for label in waiting}
+            return all("retry attempt=1" in text for text in logs.values())
+
+        cluster.wait_for("every role to report that it waits", all_waiting, timeout=30)
+        assert "Traceback" not in "".join(cluster.log(label) for label in waiting)
+        postgres.start()
+        cluster.wait_for(
+            "apply to wait for NATS", lambda: waiting["apply-1"] in cluster.log("apply-1")
+        )
+    finally:
+        if nats_server.process is None:
+            nats_server.start()
+        with contextlib.suppress(subprocess.CalledProcessError):
+            postgres.start()  # already running when the block above got that far
+    cluster.wait_converged(9, timeout=90)
+    client = boto3.client(
+        "pinpoint",
+        endpoint_url=f"http://127.0.0.1:{cluster.ports['serve-1']}",
+        region_name="us-east-1",
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+    )
+
+    def served() -> bool:
+        with contextlib.suppress(Exception):  # not listening yet
+            apps = client.get_apps()["ApplicationsResponse"]["Item"]
+            return any(a["Name"] == APP for a in apps)
+        return False
+
+    cluster.wait_for("serve-1 to answer", served)
+    for label in waiting:
+        assert "recovered after attempts=" in cluster.log(label), cluster.log(label)[-2000:]
 
 
 def test_two_api_servers_serve_the_same_endpoints(cluster: Cluster) -> None:

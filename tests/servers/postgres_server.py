@@ -65,6 +65,8 @@ class PostgresServer:
     bin_dir: Path
 
     host: str = "127.0.0.1"
+    options: str = ""
+    """The server's command-line options (port, socket folder, settings), for ``start``."""
 
     def url(self, user: str = "postgres", password: str | None = None, db: str = "postgres") -> str:
         auth = user if password is None else f"{user}:{password}"
@@ -117,9 +119,21 @@ class PostgresServer:
     def restart(self) -> None:
         """Stop the server (fast: every connection is cut) and start it again, same port and
         data, as after a crash or a failover."""
-        command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast"]
+        self._pg_ctl("restart")
+
+    def stop(self) -> None:
+        """Stop the server (fast: every connection is cut); ``start`` brings it back."""
+        self._pg_ctl("stop")
+
+    def start(self) -> None:
+        """Start the stopped server again, same port and data; returns once it answers."""
+        self._pg_ctl("start")
+
+    def _pg_ctl(self, action: str) -> None:
+        command = [str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data")]
+        command += ["-o", self.options] if action == "start" else ["-m", "fast"]
         # -l again: without it the new postmaster writes to our pipe and run() never returns.
-        command += ["-l", str(self.log_path), "-w", "-t", "60", "restart"]
+        command += ["-l", str(self.log_path), "-w", "-t", "60", action]
         subprocess.run(_as_server_user(command), check=True, capture_output=True)
 
 
@@ -185,6 +199,7 @@ def running_server(extra_settings: Sequence[str] = ()) -> Iterator[PostgresServe
             [f"-p {port}", f"-k {sockets}", "-c listen_addresses=127.0.0.1"]
             + [f"-c {s}" for s in (*SETTINGS, *extra_settings)]
         )
+        server.options = options
         subprocess.run(
             _as_server_user(
                 [
