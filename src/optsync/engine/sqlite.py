@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -45,6 +46,11 @@ WRITER_CHECKPOINT_PAGES = 10_000
 when the checkpointer falls behind."""
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """``journal_size_limit``: a -wal file that grew past this is cut back when it starts over."""
+READERS = 4
+"""Connections of a file engine that serve reads, so a read never waits for a write
+transaction (WAL: readers see the last commit); more concurrent reads wait for one."""
+READER_CACHE_KIB = 16 * 1024
+"""Page cache of each reader (the writer has 64 MiB); the OS page cache is shared."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -214,8 +220,12 @@ CREATE TABLE IF NOT EXISTS segment_members (
 class SQLiteStore(SqlStore):
     """Engine storage in one SQLite file (``":memory:"`` for tests).
 
-    One connection serves every thread behind a lock: SQLite has a single writer anyway, and
-    the API's threads hold it only for the length of one statement batch.
+    One connection writes, for every thread, behind a lock: SQLite has a single writer anyway.
+    Reads of a file engine go through a small pool of their own connections (``READERS``), so
+    an API read does not queue behind the apply stage's write transactions; in WAL mode each
+    read sees the last committed state. A read made by a thread that holds the writer's lock
+    (inside a write) uses the writer's connection, and sees that transaction's own writes. An
+    in-memory engine (``":memory:"``, tests) has the one connection for everything.
     """
 
     def __init__(
@@ -231,6 +241,13 @@ class SQLiteStore(SqlStore):
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        self._holding = threading.local()
+        """``depth``: how many times this thread holds ``_lock``."""
+        self._readers: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        self._reader_count = 0
+        self._readers_lock = threading.Lock()
+        """Guards ``_reader_count`` (never the writer's lock: a read must not wait for it)."""
+        self._closed = False
         self._unsynced = False
         self._conn.execute("PRAGMA journal_mode = WAL")
         self._conn.execute("PRAGMA synchronous = FULL")
@@ -312,7 +329,7 @@ class SQLiteStore(SqlStore):
         # One import is one transaction that dirties far more pages than the usual 64 MiB cache
         # holds; spilled pages are read back from the -wal file. 256 MiB while it runs: the
         # write pass of 1,000,000 endpoints 16 % faster for about 230 MB more resident memory.
-        with self._lock:
+        with self._locked():
             self._conn.execute("PRAGMA cache_size = -262144")
             try:
                 yield
@@ -334,12 +351,12 @@ class SQLiteStore(SqlStore):
         # Refresh statistics after every 50,000 written endpoints (about 10 ms each time).
         if self._written - self._optimized_at >= 50_000:
             self._optimized_at = self._written
-            with self._lock:
+            with self._locked():
                 self._conn.execute("PRAGMA optimize")
 
     @contextmanager
     def _write(self, *, durable: bool = True) -> Iterator[Cursor]:
-        with self._lock:
+        with self._locked():
             cur = self._conn.cursor()
             if not durable:
                 self._unsynced = True  # for ``sync``, whether this commit happens or not
@@ -360,7 +377,7 @@ class SQLiteStore(SqlStore):
         file are durable too: in WAL mode SQLite syncs the -wal file before a checkpoint and
         the database file after it, whatever ``synchronous`` says (NORMAL or FULL).
         """
-        with self._lock:
+        with self._locked():
             if not self._unsynced or self.path == ":memory:":
                 self._unsynced = False
                 return
@@ -375,20 +392,70 @@ class SQLiteStore(SqlStore):
             os.close(fd)
 
     @contextmanager
-    def _read(self) -> Iterator[Cursor]:
+    def _locked(self) -> Iterator[None]:
+        """Hold the writer's lock, noting that this thread holds it (``_read``)."""
         with self._lock:
-            cur = self._conn.cursor()
+            self._holding.depth = getattr(self._holding, "depth", 0) + 1
+            try:
+                yield
+            finally:
+                self._holding.depth -= 1
+
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        held: int = getattr(self._holding, "depth", 0)
+        if self.path == ":memory:" or held:
+            with self._locked():
+                cur = self._conn.cursor()
+                cur.execute("BEGIN")
+                try:
+                    yield cur
+                finally:
+                    cur.execute("COMMIT")
+            return
+        conn = self._reader()
+        try:
+            cur = conn.cursor()
             cur.execute("BEGIN")
             try:
                 yield cur
             finally:
                 cur.execute("COMMIT")
+        finally:
+            if self._closed:
+                conn.close()
+            else:
+                self._readers.put(conn)
+
+    def _reader(self) -> sqlite3.Connection:
+        """An idle reader connection, a new one while there are fewer than ``READERS``, or
+        the next one given back."""
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            pass
+        with self._readers_lock:
+            opened = self._reader_count < READERS
+            self._reader_count += opened
+        if not opened:
+            return self._readers.get()
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+        conn.execute("PRAGMA query_only = 1")
+        return conn
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         with self._lock:
+            self._closed = True
             self._conn.close()
+        while True:
+            try:
+                self._readers.get_nowait().close()
+            except queue.Empty:
+                break
 
 
 class _Checkpointer:
