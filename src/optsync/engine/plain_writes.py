@@ -237,36 +237,43 @@ def share(
     sharing = Sharing(plain=[False] * len(writes))
     writes_of = sharing.writes_of
     for i, key in enumerate(keys):
-        if key in writes_of:
-            writes_of[key].append(i)
-        else:
+        found = writes_of.get(key)
+        if found is None:
             writes_of[key] = [i]
+        else:
+            found.append(i)
     # Which endpoint each address and UserId belongs to in this batch; a second one shares it.
-    owner_of: dict[tuple[bool, str], str] = {}
+    address_owner: dict[str, str] = {}
+    user_owner: dict[str, str] = {}
     sharing_keys: set[str] = set()
+
+    def claim(owners: dict[str, str], value: str, key: str) -> None:
+        owner = owners.setdefault(value, key)
+        if owner != key:
+            sharing_keys.add(key)
+            sharing_keys.add(owner)
+
     for key, indexes in writes_of.items():
         s = stored.get(key)
-        spots: list[tuple[bool, str]] = []
         if s is not None:
             if s.address is not None:
-                spots.append((True, s.address))
+                claim(address_owner, s.address, key)
             if s.user_id is not None:
-                spots.append((False, s.user_id))
+                claim(user_owner, s.user_id, key)
         for i in indexes:
             w = writes[i]
-            if isinstance(w, EndpointPatch):
+            if type(w) is EndpointPatch:
                 if w.address is not None:
-                    spots.append((True, w.address))
+                    claim(address_owner, w.address, key)
                 if w.user_id is not None:
-                    spots.append((False, w.user_id))
-        for spot in spots:
-            owner = owner_of.setdefault(spot, key)
-            if owner != key:
-                sharing_keys.add(key)
-                sharing_keys.add(owner)
+                    claim(user_owner, w.user_id, key)
     for key, indexes in writes_of.items():
         s = stored.get(key)
         if key in sharing_keys or key in held or (s is not None and s.side):
+            continue
+        if len(indexes) == 1:
+            if _share_one(sharing, key, writes[indexes[0]], s):
+                sharing.plain[indexes[0]] = True
             continue
         mine = [writes[i] for i in indexes]
         if not _plain_sequence(mine, s is not None):
@@ -285,10 +292,10 @@ def share(
         # The addresses it may leave (deleted, moved, another channel): while it holds one
         # ACTIVE, a source-driven endpoint there would take it back (``WriteBatch._fall_back``).
         places = {w.address for w in patches if w.address is not None}
-        channels = {w.channel_type for w in patches if w.channel_type is not None}
+        channels: set[str] = {w.channel_type for w in patches if w.channel_type is not None}
         if s is not None:
             places.update((s.address,) if s.address is not None else ())
-            channels.add(ChannelType(s.channel))
+            channels.add(s.channel)
         if len(patches) < len(mine) or len(places) > 1 or len(channels) > 1:
             for address in places:
                 sharing.left.setdefault(address, set()).add(key)
@@ -301,6 +308,42 @@ def share(
         for i in indexes:
             sharing.plain[i] = True
     return sharing
+
+
+def _share_one(
+    sharing: Sharing, key: str, w: EndpointPatch | EndpointDelete, s: Stored | None
+) -> bool:
+    """``share`` for an endpoint written once in the batch (the usual case): the same rules
+    as for several writes, without building their lists; True if the write is a candidate."""
+    if w.position is None or not w.id.strip() or not FORBIDDEN_ID_CHARS.isdisjoint(w.id):
+        return False
+    if type(w) is not EndpointPatch:  # a delete: it leaves the address it holds
+        if s is not None and s.address is not None:
+            sharing.left.setdefault(s.address, set()).add(key)
+        return True
+    if not _is_plain_patch(w) or (s is None and w.channel_type is None):
+        return False
+    address, user = w.address, w.user_id
+    if s is None:
+        if address is not None:
+            sharing.addresses.setdefault(address, set()).add(key)
+        if user is not None:
+            sharing.users.setdefault(user, set()).add(key)
+        return True
+    channel = w.channel_type
+    same_channel = channel is None or channel == s.channel
+    moves = address is not None and s.address is not None and address != s.address
+    if moves or not same_channel:
+        for place in (s.address, address):
+            if place is not None:
+                sharing.left.setdefault(place, set()).add(key)
+    if address is not None and not (
+        same_channel and s.status == EndpointStatus.ACTIVE and address == s.address
+    ):
+        sharing.addresses.setdefault(address, set()).add(key)
+    if user is not None and user != s.user_id:
+        sharing.users.setdefault(user, set()).add(key)
+    return True
 
 
 @dataclass
@@ -496,8 +539,12 @@ class PlainPlan:
             if c.request_id is None:
                 continue  # every write to it was stale
             new = c.updatable()
-            old = _current(s).updatable()  # as stored: no EffectiveDate or RequestId compared
-            which = tuple(i for i in range(len(new)) if new[i] != old[i])
+            # As stored, in ``UPDATABLE`` order; EffectiveDate and RequestId always change.
+            old = (
+                s.channel, s.address, s.opt_out, s.status, None, None, s.user_id, s.country,
+                s.country_code, s.position,
+            )  # fmt: skip
+            which = tuple([i for i, (a, b) in enumerate(zip(new, old, strict=True)) if a != b])
             updates.setdefault(which, []).append((*(new[i] for i in which), c.pk))
         inserts.sort(key=lambda r: r.pk)
         return inserts, updates
