@@ -309,6 +309,41 @@ def test_write_makes_endpoint_active_unless_status_given(store: EndpointStore, a
     assert store.get_endpoint(app_id, "e1").endpoint_status is EndpointStatus.INACTIVE
 
 
+def test_one_batch_updates_many_endpoints_column_by_column(
+    store: EndpointStore, app_id: str
+) -> None:
+    """Many stored endpoints changed in one batch (PostgreSQL joins arrays for that, one per
+    column: text and double precision), each in other columns, with source positions."""
+    ids = [f"m{n:02d}" for n in range(12)]
+    write(store, app_id, *(sms(i, address=f"+1234555{n:04d}") for n, i in enumerate(ids)))
+    changes = [
+        EndpointPatch(
+            id=i,
+            opt_out=OptOut.ALL if n % 2 else None,
+            location=Location(latitude=47.5 + n, longitude=-122.25 - n, city=f"c{n}")
+            if n % 3
+            else None,
+            position=f"{n + 1:08d}",
+        )
+        for n, i in enumerate(ids)
+    ]
+    assert write(store, app_id, *changes, cause=source("batch")).applied == 12
+    for n, i in enumerate(ids):
+        got = store.get_endpoint(app_id, i)
+        assert got.opt_out is (OptOut.ALL if n % 2 else OptOut.NONE)
+        assert got.source_position == f"{n + 1:08d}"
+        if n % 3:
+            assert (got.location.latitude, got.location.longitude) == (47.5 + n, -122.25 - n)
+            assert got.location.city == f"c{n}"
+        else:
+            assert got.location.latitude is None
+    # And deleted together: their tombstones hold their positions (a later replay is stale).
+    deletes = [EndpointDelete(i, position=f"{n + 20:08d}") for n, i in enumerate(ids)]
+    assert write(store, app_id, *deletes, cause=source("batch")).applied == 12
+    replay = [EndpointPatch(id=i, opt_out=OptOut.NONE, position="00000019") for i in ids]
+    assert write(store, app_id, *replay, cause=source("replay")).stale == 12
+
+
 def test_batch_applies_in_order(store: EndpointStore, app_id: str) -> None:
     result = write(
         store,

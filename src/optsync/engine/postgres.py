@@ -75,6 +75,11 @@ NEW_PK_BASE = 1 << 62
 above every key the sequence hands out, so they sort after the app's existing endpoints."""
 
 _TEXT = 'text COLLATE "C"'
+_DOUBLE = "double precision"
+_DOUBLE_COLUMNS = frozenset({"latitude", "longitude"})
+"""The ``endpoints`` columns that are not text (besides pk)."""
+UNNEST_ROWS = 8
+"""From this many rows, an UPDATE or an upsert joins arrays in one statement."""
 
 _V1 = (
     "CREATE SEQUENCE apps_seq",
@@ -365,6 +370,37 @@ class PostgresStore(SqlStore):
         with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)
+
+    def _update_endpoints(
+        self, cur: Cursor, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        # One statement joining arrays, one per column (executemany: a round of the pipeline
+        # and a statement per row, 66 us a row measured against a few us here).
+        if len(rows) < UNNEST_ROWS:
+            super()._update_endpoints(cur, columns, rows)
+            return
+        types = [_DOUBLE if c in _DOUBLE_COLUMNS else "text" for c in columns]
+        arrays = ", ".join(f"%s::{t}[]" for t in (*types, "bigint"))
+        sets = ", ".join(f"{c} = v.{c}" for c in columns)
+        cur.execute(
+            f"UPDATE endpoints AS e SET {sets} FROM unnest({arrays}) "
+            f"AS v({', '.join(columns)}, pk) WHERE e.pk = v.pk",
+            [list(values) for values in zip(*rows, strict=True)],
+        )
+
+    def _upsert_tombstones(
+        self, cur: Cursor, app_id: str, written: Sequence[tuple[str, str]]
+    ) -> None:
+        if len(written) < UNNEST_ROWS:
+            super()._upsert_tombstones(cur, app_id, written)
+            return
+        keys, positions = zip(*written, strict=True)
+        cur.execute(
+            "INSERT INTO tombstones (app_id, id_key, position) SELECT %s, k, p "
+            "FROM unnest(%s::text[], %s::text[]) AS t(k, p) ON CONFLICT (app_id, id_key) "
+            "DO UPDATE SET position = GREATEST(tombstones.position, excluded.position)",
+            (app_id, list(keys), list(positions)),
+        )
 
     def _insert_members(
         self, cur: Cursor, app_id: str, segment_id: str, keys: Sequence[str]

@@ -505,8 +505,7 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, SqlApiKeys, SqlPlainWrites
                 if which:
                     updates.setdefault(which, []).append((*(new[i] for i in which), r.pk))
         for which, params in updates.items():
-            sets = ", ".join(f"{_COLUMN_NAMES[i]} = ?" for i in which)
-            cur.executemany(self._sql(f"UPDATE endpoints SET {sets} WHERE pk = ?"), params)
+            self._update_endpoints(cur, [_COLUMN_NAMES[i] for i in which], params)
         inserts = [(r.pk, *_endpoint_values(r.endpoint)) for r in changed if r.stored is None]
         if inserts:
             self._insert(cur, "endpoints", _ENDPOINT_INSERT_COLUMNS, inserts)
@@ -558,14 +557,27 @@ class SqlStore(SqlBulkImport, SqlSegments, SqlLedger, SqlApiKeys, SqlPlainWrites
                 cur, f"DELETE FROM tombstones WHERE app_id = ? AND {test}", (app_id, *params)
             )
         if written:
-            cur.executemany(
-                self._sql(
-                    "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
-                    "ON CONFLICT (app_id, id_key) DO UPDATE SET "
-                    f"position = {self.dialect.greatest}(tombstones.position, excluded.position)"
-                ),
-                [(app_id, k, p) for k, p in sorted(written.items())],
-            )
+            self._upsert_tombstones(cur, app_id, sorted(written.items()))
+
+    def _upsert_tombstones(
+        self, cur: Cursor, app_id: str, written: Sequence[tuple[str, str]]
+    ) -> None:
+        """Hook: write (id_key, position) tombstones; a tombstone never moves back."""
+        cur.executemany(
+            self._sql(
+                "INSERT INTO tombstones (app_id, id_key, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (app_id, id_key) DO UPDATE SET "
+                f"position = {self.dialect.greatest}(tombstones.position, excluded.position)"
+            ),
+            [(app_id, k, p) for k, p in written],
+        )
+
+    def _update_endpoints(
+        self, cur: Cursor, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """Hook: set ``columns`` of endpoints, each row holding their values then the pk."""
+        sets = ", ".join(f"{c} = ?" for c in columns)
+        cur.executemany(self._sql(f"UPDATE endpoints SET {sets} WHERE pk = ?"), rows)
 
     def _add_counts(self, cur: Cursor, app_id: str, counts: Mapping[Bucket, int]) -> None:
         """Move the rollup rows by ``counts``."""

@@ -87,6 +87,11 @@ class SqlPlainWrites(ABC):
     @abstractmethod
     def _add_counts(self, cur: Cursor, app_id: str, counts: Mapping[Bucket, int]) -> None: ...
 
+    @abstractmethod
+    def _update_endpoints(
+        self, cur: Cursor, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None: ...
+
     # the pass ---------------------------------------------------------------------------------
     def _write_source(
         self,
@@ -198,8 +203,7 @@ class SqlPlainWrites(ABC):
             test, params = self._in("pk", chunk)
             self._exec(cur, f"DELETE FROM endpoints WHERE {test}", params)
         for which, params in updates.items():
-            sets = ", ".join(f"{UPDATABLE[i]} = ?" for i in which)
-            cur.executemany(self._sql(f"UPDATE endpoints SET {sets} WHERE pk = ?"), params)
+            self._update_endpoints(cur, [UPDATABLE[i] for i in which], params)
         if inserts:
             self._insert(cur, "endpoints", INSERTED, [(r.pk, *r.values) for r in inserts])
         self._write_tombstones(cur, app_id, plan.tombs_removed, plan.tombs_written)
