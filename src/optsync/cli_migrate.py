@@ -23,8 +23,9 @@ from optsync.migrate.exporter import (
     export_endpoints,
     find_segment,
 )
-from optsync.migrate.importer import import_parsed, parse_files
-from optsync.migrate.locations import Output, staged_inputs
+from optsync.migrate.importer import ImportSummary, import_parsed, parse_files
+from optsync.migrate.locations import InputFile, Output, staged_inputs
+from optsync.migrate.overlapped import ImportRejected, import_files
 
 __all__ = ("register",)
 
@@ -96,42 +97,78 @@ def register(cli: click.Group, settings_for: object) -> None:
         settings: Settings = load(config_path, None)
         started = time.monotonic()
         with staged_inputs(locations, s3_endpoint_url) as files:
-            with _progress() as progress:
-                task = progress.add_task("check", total=None)
-                parsed = parse_files(files, lambda n: progress.advance(task, n))
-            if parsed.rejected and not (continue_on_error or dry_run):
-                for reject in parsed.rejected[:20]:
-                    click.echo(str(reject))
-                if len(parsed.rejected) > 20:
-                    click.echo(f"... and {len(parsed.rejected) - 20} more rejected lines")
-                raise ConfigError(
-                    f"import-pinpoint: {len(parsed.rejected)} of "
-                    f"{len(parsed.rejected) + len(parsed.patches)} lines rejected (listed "
-                    "above); nothing was written. Fix them, or pass --continue-on-error to "
-                    "import the rest"
+            if dry_run:
+                summary, lines = _dry_run(settings, app_name, files, locations, segment)
+            else:
+                summary, lines = _import(
+                    settings, app_name, files, locations, segment, continue_on_error
                 )
+        seconds = time.monotonic() - started
+        for line in summary.lines_out():
+            click.echo(line)
+        rate = lines / seconds if seconds > 0 else 0.0
+        click.echo(f"{len(files)} files, {seconds:.1f} s, {rate:.0f} endpoints/s")
+
+    def _dry_run(
+        settings: Settings,
+        app_name: str,
+        files: list[InputFile],
+        locations: tuple[str, ...],
+        segment: str | None,
+    ) -> tuple[ImportSummary, int]:
+        """Check every line, then say what would be written (nothing is)."""
+        with _progress() as progress:
+            task = progress.add_task("check", total=None)
+            parsed = parse_files(files, lambda n: progress.advance(task, n))
+        store = open_store(settings)
+        try:
+            summary = import_parsed(
+                store, app_name, parsed, source=" ".join(locations), segment=segment, dry_run=True
+            )
+        finally:
+            store.close()
+        return summary, len(parsed.patches)
+
+    def _import(
+        settings: Settings,
+        app_name: str,
+        files: list[InputFile],
+        locations: tuple[str, ...],
+        segment: str | None,
+        continue_on_error: bool,
+    ) -> tuple[ImportSummary, int]:
+        """Check and write at once (``import_files``): one transaction, rolled back when a
+        line is rejected (unless --continue-on-error)."""
         store = open_store(settings)
         try:
             with _progress() as progress:
-                task = progress.add_task("import", total=len(parsed.patches))
-                summary = import_parsed(
+                checked = progress.add_task("check", total=None)
+                written = progress.add_task("import", total=None)
+                summary = import_files(
                     store,
                     app_name,
-                    parsed,
+                    files,
                     source=" ".join(locations),
                     segment=segment,
-                    dry_run=dry_run,
-                    on_progress=lambda n: progress.advance(task, n),
+                    continue_on_error=continue_on_error,
+                    on_checked=lambda n: progress.advance(checked, n),
+                    on_written=lambda n: progress.advance(written, n),
                 )
+        except ImportRejected as exc:
+            for reject in exc.rejected[:20]:
+                click.echo(str(reject))
+            if len(exc.rejected) > 20:
+                click.echo(f"... and {len(exc.rejected) - 20} more rejected lines")
+            raise ConfigError(
+                f"import-pinpoint: {len(exc.rejected)} of {exc.lines} lines rejected (listed "
+                "above); nothing was written. Fix them, or pass --continue-on-error to import "
+                "the rest"
+            ) from None
         except EngineError as exc:
             raise ConfigError(f"import-pinpoint: nothing was written: {exc}") from exc
         finally:
             store.close()
-        seconds = time.monotonic() - started
-        for line in summary.lines_out():
-            click.echo(line)
-        rate = len(parsed.patches) / seconds if seconds > 0 else 0.0
-        click.echo(f"{len(files)} files, {seconds:.1f} s, {rate:.0f} endpoints/s")
+        return summary, summary.lines - len(summary.rejected)
 
     @cli.command("export")
     @click.option(

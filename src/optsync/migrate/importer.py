@@ -152,35 +152,48 @@ def parse_files(
 def _parse_files(
     files: Sequence[InputFile], on_progress: Callable[[int], None] | None
 ) -> ParsedFiles:
-    parsed = ParsedFiles()
+    parsed = ParsedFiles(formats={"CSV" if _is_csv(f) else "JSON" for f in files})
     append, reject = parsed.patches.append, parsed.rejected.append
-    for file in files:
+    done = 0
+    for index, n, item in checked_lines(files):
+        done += 1
+        if done % 10_000 == 0 and on_progress:
+            on_progress(10_000)
+        if isinstance(item, Rejected):
+            reject(item)
+        else:
+            append((item, Cause(CauseKind.IMPORT, f"{files[index].name}:{n}", CAUSE_DETAIL)))
+    if on_progress:
+        on_progress(done % 10_000)
+    return parsed
+
+
+def checked_lines(
+    files: Sequence[InputFile],
+) -> Iterator[tuple[int, int, EndpointPatch | Rejected]]:
+    """Every line of ``files``, read and checked: (file index, line number, the endpoint patch
+    or why the line is rejected). A file that cannot be read is one rejected line."""
+    for index, file in enumerate(files):
         csv_file = _is_csv(file)
-        parsed.formats.add("CSV" if csv_file else "JSON")
         done = 0
         with open_text(file.path) as text:
             try:
                 lines = csv_rows(text) if csv_file else _json_lines(iter(text))
                 for n, item in lines:
                     done += 1
-                    if done % 10_000 == 0 and on_progress:
-                        on_progress(10_000)
                     if isinstance(item, InvalidRequest):
-                        reject(Rejected(file.name, n, str(item)))
+                        yield index, n, Rejected(file.name, n, str(item))
                         continue
                     try:
                         patch = _patch(item)
                     except InvalidRequest as exc:
-                        reject(Rejected(file.name, n, str(exc)))
+                        yield index, n, Rejected(file.name, n, str(exc))
                         continue
-                    append((patch, Cause(CauseKind.IMPORT, f"{file.name}:{n}", CAUSE_DETAIL)))
+                    yield index, n, patch
             except InvalidRequest as exc:  # a CSV header: the file cannot be read at all
-                reject(Rejected(file.name, 1, str(exc)))
+                yield index, 1, Rejected(file.name, 1, str(exc))
             except (UnicodeDecodeError, OSError, EOFError) as exc:
-                reject(Rejected(file.name, done + 1, f"cannot read the file: {exc}"))
-        if on_progress:
-            on_progress(done % 10_000)
-    return parsed
+                yield index, done + 1, Rejected(file.name, done + 1, f"cannot read the file: {exc}")
 
 
 @dataclass
