@@ -6,11 +6,13 @@ Two passes. The first reads every line of every file, with the API's own checks
 continue (then the good lines are imported and the rejected ones listed). The second pass hands
 the parsed lines to ``EndpointStore.import_endpoints``: one transaction, so a failure part-way
 (a rule only the engine can check, such as 15 endpoints per UserId) leaves nothing behind.
+``migrate.overlapped.import_files`` runs the two passes at once (the check in a child process,
+a batch ahead) and is what the CLI uses to import; ``parse_files`` then ``import_parsed`` is the
+dry run.
 
 Decisions:
-- The parsed lines are kept in memory between the passes (about 2.5 KB per endpoint: 2.8 GB
-  peak measured for 1,000,000, the engine's import cache included) rather than read twice:
-  reading is a quarter of the cost of an import.
+- The dry run keeps the parsed lines in memory between its passes (about 2.5 KB per endpoint)
+  to count new and updated endpoints; the overlapped import keeps only the ids.
 - Both passes run with Python's cyclic garbage collector paused (see ``_collector_paused``) and
   JSON lines are decoded by msgspec: together the check pass is twice as fast. Checking files in
   a process pool was measured and not kept: on two shared vCPUs it bought nothing
