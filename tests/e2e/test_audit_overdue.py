@@ -41,9 +41,14 @@ def engine_opt_out(layout: Layout, user: int) -> str | None:
     if not path.exists():
         return None
     with closing(sqlite3.connect(path, timeout=10)) as conn:
-        row = conn.execute(
-            "SELECT opt_out FROM endpoints WHERE id = ?", (f"user{user}_+1234111111{user}",)
-        ).fetchone()
+        try:
+            row = conn.execute(
+                "SELECT opt_out FROM endpoints WHERE id = ?", (f"user{user}_+1234111111{user}",)
+            ).fetchone()
+        except sqlite3.OperationalError as exc:  # the file exists, its schema not yet
+            if "no such table" not in str(exc):
+                raise
+            return None
     return None if row is None else str(row[0])
 
 

@@ -258,7 +258,15 @@ def test_a_stop_on_the_list_reaches_the_engine_and_is_written_back_to_the_source
         stop = next(c for c in history if c.cause.kind is CauseKind.END_USER)
         assert stop.cause.ref == "eum-sms:Default"
         wait_for(pipeline, lambda: source_optin(folder, 6) == 0, "the write-back")
-        (report,) = pipeline.store.end_user_opt_outs(pipeline.app.id)
+        store = pipeline.store
+
+        def reported() -> bool:
+            # Marked in the engine just after the source's commit: poll for it.
+            return all(r.written_back_at is not None for r in store.end_user_opt_outs(app_id))
+
+        app_id = pipeline.app.id
+        wait_for(pipeline, reported, "the write-back to be marked")
+        (report,) = store.end_user_opt_outs(app_id)
         assert report.written_back_at is not None
         assert report.endpoint_ids == (endpoint_id(6),)
         # The written-back row comes back through capture harmlessly; the sink puts the number
