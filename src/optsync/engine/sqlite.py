@@ -223,8 +223,8 @@ class SQLiteStore(SqlStore):
     One connection writes, for every thread, behind a lock: SQLite has a single writer anyway.
     Reads of a file engine go through a small pool of their own connections (``READERS``), so
     an API read does not queue behind the apply stage's write transactions; in WAL mode each
-    read sees the last committed state. A read made by a thread that holds the writer's lock
-    (inside a write) uses the writer's connection, and sees that transaction's own writes. An
+    read sees the last committed state. A thread that holds the writer's lock reads on the
+    writer's connection (as before the pool: a read never nests inside a write). An
     in-memory engine (``":memory:"``, tests) has the one connection for everything.
     """
 
