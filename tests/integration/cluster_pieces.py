@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -179,6 +180,18 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{logs}")
             time.sleep(0.1)
         return time.monotonic() - started
+
+    def wait_listening(self, label: str, timeout: float = TIMEOUT) -> float:
+        """Wait until the serve role ``label`` accepts connections on its port."""
+
+        def accepts() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", self.ports[label]), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        return self.wait_for(f"{label} to listen", accepts, timeout)
 
     def wait_converged(self, users: int, timeout: float = TIMEOUT) -> float:
         """Wait until the engine holds every user with the source's opt-in."""

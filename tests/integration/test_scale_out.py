@@ -256,6 +256,8 @@ def test_two_api_servers_serve_the_same_endpoints(cluster: Cluster) -> None:
             return None
         return next((a["Id"] for a in apps if a["Name"] == APP), None)
 
+    cluster.wait_listening("serve-1")
+    cluster.wait_listening("serve-2")
     cluster.wait_for("the app through serve-1", lambda: app_id() is not None)
     app = app_id()
     assert app is not None
